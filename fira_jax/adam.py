@@ -1,0 +1,105 @@
+"""Adam in the form the reference runs it: bias correction as a step-size factor.
+
+The reference (``fira`` 1.0.2, like ``transformers``' old ``AdamW`` and
+``galore-torch``) computes ``N = m / (√v + ε)`` from *uncorrected* moments and
+folds bias correction into the step size, ``√(1 − β₂ᵗ) / (1 − β₁ᵗ)``, which it
+applies to the whole Fira update, residual included. This differs from
+``optax.scale_by_adam`` (which corrects the moments) in where ε enters.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class ScaleByUncorrectedAdamState(NamedTuple):
+  """State of :func:`scale_by_uncorrected_adam`."""
+
+  mu: optax.Updates  # first moments, dtype mu_dtype or the updates'
+  nu: optax.Updates  # second moments, dtype of the updates
+
+
+def scale_by_uncorrected_adam(
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-6,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+  r"""Adam's direction without bias correction, ``m / (√v + ε)``.
+
+  .. math::
+    m_t = β_1 m_{t-1} + (1 - β_1) g_t, \quad
+    v_t = β_2 v_{t-1} + (1 - β_2) g_t^2, \quad
+    N_t = m_t / (\sqrt{v_t} + ε)
+
+  Chain it with :func:`scale_by_adam_step_size` (or use it as the base
+  optimizer of :func:`fira_jax.scale_by_fira`, which does so by default) to get
+  the reference's bias-corrected Adam.
+
+  Args:
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to ``√v`` (outside the square root); the reference uses 1e-6.
+    mu_dtype: optional dtype of the first moment.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+  def init_fn(params):
+    return ScaleByUncorrectedAdamState(
+      mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+      nu=optax.tree.zeros_like(params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+    direction = optax.tree.cast_like(direction, updates)
+    mu = optax.tree.cast(mu, mu_dtype)
+    nu = optax.tree.cast_like(nu, state.nu)
+    return direction, ScaleByUncorrectedAdamState(mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adam_step_size(
+  count: jax.typing.ArrayLike, b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike
+) -> jax.Array:
+  """``√(1 − β₂ᵗ) / (1 − β₁ᵗ)`` for the ``count``-th step (``t = count ≥ 1``)."""
+  t = jnp.asarray(count, jnp.float32)
+  return jnp.sqrt(1.0 - jnp.asarray(b2, jnp.float32) ** t) / (
+    1.0 - jnp.asarray(b1, jnp.float32) ** t
+  )
+
+
+class ScaleByAdamStepSizeState(NamedTuple):
+  """State of :func:`scale_by_adam_step_size`."""
+
+  count: jax.Array  # shape=(), dtype=jnp.int32
+
+
+def scale_by_adam_step_size(
+  b1: jax.typing.ArrayLike = 0.9, b2: jax.typing.ArrayLike = 0.999
+) -> optax.GradientTransformation:
+  """Multiplies updates by Adam's bias-correction step size ``√(1 − β₂ᵗ) / (1 − β₁ᵗ)``."""
+
+  def init_fn(params):
+    del params
+    return ScaleByAdamStepSizeState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_int32_increment(state.count)
+    step_size = adam_step_size(count, b1, b2)
+    updates = jax.tree.map(lambda u: (step_size * u).astype(u.dtype), updates)
+    return updates, ScaleByAdamStepSizeState(count=count)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,154 @@
+"""Norm-growth limiter: caps how fast an update's norm may grow between steps.
+
+Fira (Chen et al., 2024, Sec. 4.2) limits the residual term ``S_t`` so that its
+norm grows by at most a factor ``γ`` per step, which removes the loss spikes
+that sudden gradient growth causes:
+
+.. math::
+  λ_t = \\frac{\\max(\\lVert S_t \\rVert / (\\lVert S_{t-1} \\rVert + 10^{-8}), γ)}{γ},
+  \\qquad S_t ← S_t / λ_t
+
+On the first step the norm is only recorded. ``‖S_{t-1}‖`` is the norm after
+limiting. The reference hard-codes ``γ = 1.01``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fira_jax import projection
+
+LIMITER_EPS = 1e-8  # the reference's constant, added to the previous norm
+
+
+def limit_norm_growth(
+  x: jax.Array,
+  previous_norm: jax.Array,
+  growth_limit: jax.typing.ArrayLike,
+  is_first_step: jax.typing.ArrayLike,
+) -> tuple[jax.Array, jax.Array]:
+  """Limits the growth of the Frobenius norm of each ``x[b]`` of a ``(B, ·, ·)`` batch.
+
+  Args:
+    x: a batch of matrices.
+    previous_norm: ``(B,)`` float32, each matrix's norm after limiting on the
+      previous step.
+    growth_limit: ``γ ≥ 1``, the largest allowed ratio of consecutive norms.
+    is_first_step: a boolean scalar; on the first step nothing is limited.
+
+  Returns:
+    ``(x / λ, ‖x‖ / λ)``. A non-finite norm is not recorded (the previous one
+    is kept), so one bad gradient cannot poison the limiter for good.
+  """
+  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2)))
+  ratio = norm / (previous_norm + LIMITER_EPS)
+  limiter = jnp.maximum(ratio, growth_limit) / growth_limit
+  limiter = jnp.where(is_first_step, jnp.ones_like(limiter), limiter)
+  new_norm = norm / limiter
+  new_norm = jnp.where(jnp.isfinite(new_norm), new_norm, previous_norm)
+  limited = x / limiter[:, None, None].astype(x.dtype)
+  return limited, new_norm
+
+
+class ClipByNormGrowthState(NamedTuple):
+  """State of :func:`clip_by_norm_growth`."""
+
+  count: jax.Array  # shape=(), dtype=jnp.int32
+  previous_norm: optax.Updates  # per leaf: float32, shape=batch_shape
+
+
+def _as_matrices(x: jax.Array, layout: projection.MatrixLayout | None) -> jax.Array:
+  if layout is None:  # the whole leaf is one "matrix"
+    return jnp.reshape(x, (1, 1, -1))
+  return layout.to_matrices(x)
+
+
+def _from_matrices(x: jax.Array, shape, layout: projection.MatrixLayout | None):
+  if layout is None:
+    return jnp.reshape(x, shape)
+  return layout.from_matrices(x)
+
+
+def _norm_shape(layout: projection.MatrixLayout | None) -> tuple[int, ...]:
+  return () if layout is None else layout.batch_shape
+
+
+def clip_by_norm_growth(
+  growth_limit: jax.typing.ArrayLike = 1.01,
+  weight_dimension_numbers: projection.DimensionNumbersOrFn = None,
+) -> optax.GradientTransformation:
+  r"""Limits the growth of each update's norm to ``growth_limit`` per step.
+
+  .. math::
+    u_t ← u_t / λ_t, \quad
+    λ_t = \max\left(\frac{\lVert u_t \rVert}{\lVert u_{t-1} \rVert + 10^{-8}}, γ\right) / γ
+
+  Fira's norm-growth limiter as a standalone transformation, usable in any
+  chain (for instance in place of ``optax.clip_by_global_norm``). The norm is
+  taken per leaf; leaves given :class:`FiraDimensionNumbers` are limited per
+  matrix, each slice of their batch axes on its own (stacked layers).
+
+  Args:
+    growth_limit: ``γ ≥ 1``; the paper uses 1.01. Injectable.
+    weight_dimension_numbers: None (every leaf limited as a whole), one
+      :class:`FiraDimensionNumbers`, a prefix tree of them and None, or a
+      callable of the updates returning one of those.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, fira_jax
+    >>> tx = optax.chain(fira_jax.clip_by_norm_growth(1.1), optax.sgd(0.1))
+    >>> params = {'w': jnp.ones((3, 2))}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'w': jnp.ones((3, 2))}, state)
+    >>> u, state = tx.update({'w': 10 * jnp.ones((3, 2))}, state)
+    >>> float(jnp.linalg.norm(u['w']) / jnp.linalg.norm(0.1 * jnp.ones((3, 2))))
+    1.1...
+
+  References:
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
+  """
+
+  def layouts(tree):
+    # The limiter has no rank; any positive value keeps every layout.
+    specs = projection.resolve_dimension_numbers(weight_dimension_numbers, tree)
+    names = projection.leaf_names(tree)
+    return [
+      None if spec is None else projection.matrix_layout(jnp.shape(x), spec, 1, "smaller", name)
+      for x, spec, name in zip(jax.tree.leaves(tree), specs, names, strict=True)
+    ]
+
+  def init_fn(params):
+    treedef = jax.tree.structure(params)
+    norms = [jnp.zeros(_norm_shape(layout), jnp.float32) for layout in layouts(params)]
+    return ClipByNormGrowthState(
+      count=jnp.zeros([], jnp.int32),
+      previous_norm=treedef.unflatten(norms),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    previous = treedef.flatten_up_to(state.previous_norm)
+    is_first = state.count == 0
+    new_leaves, new_norms = [], []
+    for x, prev, layout in zip(leaves, previous, layouts(updates), strict=True):
+      limited, norm = limit_norm_growth(
+        _as_matrices(x, layout), jnp.reshape(prev, (-1,)), growth_limit, is_first
+      )
+      new_leaves.append(_from_matrices(limited, jnp.shape(x), layout))
+      new_norms.append(jnp.reshape(norm, _norm_shape(layout)))
+    new_state = ClipByNormGrowthState(
+      count=optax.safe_int32_increment(state.count),
+      previous_norm=treedef.unflatten(new_norms),
+    )
+    return treedef.unflatten(new_leaves), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)

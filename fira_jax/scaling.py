@@ -1,0 +1,58 @@
+"""Norm-based scaling: Adam's effect on the subspace stands in for its effect outside it.
+
+Fira (Chen et al., 2024, Sec. 4.1) observes that the ratio between the norm of
+the base optimizer's output ``N = ψ(R)`` and the norm of its input ``R`` is
+similar inside and outside the subspace, so the residual gradient is scaled by
+
+.. math::
+  φ_j = \\frac{\\lVert N_{:,j} \\rVert}{\\lVert R_{:,j} \\rVert + 10^{-8}}
+
+one factor per channel ``j`` of the kept (uncompressed) side ("column-level",
+the default), or one factor per matrix ("matrix-level", the paper's ablation).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Scaling = Literal["column", "matrix"]
+SCALINGS = ("column", "matrix")
+SCALING_EPS = 1e-8  # the reference's constant, added to the denominator
+
+
+def norm_based_scaling_factor(
+  base_output: jax.Array,
+  base_input: jax.Array,
+  rank_axis: int,
+  scaling: Scaling = "column",
+) -> jax.Array:
+  """``φ = ‖ψ(R)‖ / (‖R‖ + 1e-8)`` for a batch of ``(B, ·, ·)`` low-rank matrices.
+
+  Args:
+    base_output: the base optimizer's output ``N = ψ(R)``.
+    base_input: the projected gradient ``R``.
+    rank_axis: the axis of the rank dimension (1 or 2).
+    scaling: ``"column"``: one factor per channel of the kept side, the norms
+      taken over the rank axis (the reference's choice). ``"matrix"``: one
+      factor per matrix, Frobenius norms.
+
+  Returns:
+    float32 factors broadcastable against the full ``(B, reduction, output)`` matrices:
+    the rank axis (and for ``"matrix"`` both matrix axes) kept with size 1.
+  """
+  if scaling == "column":
+    axes = (rank_axis,)
+  elif scaling == "matrix":
+    axes = (1, 2)
+  else:
+    raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}.")
+
+  # Norms accumulate in float32 so that bf16 moments do not lose the ratio.
+  def norm(x):
+    x = x.astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
+
+  return norm(base_output) / (norm(base_input) + SCALING_EPS)
