@@ -17,6 +17,7 @@ from fira_jax.limiter import limit_norm_growth
 from fira_jax.projection import FiraDimensionNumbers
 from fira_jax.projection import MatrixLayout
 from fira_jax.projection import canonical_signs
+from fira_jax.projection import dimension_numbers_for_paths
 from fira_jax.projection import matrix_layout
 from fira_jax.projection import project
 from fira_jax.projection import project_back
@@ -37,6 +38,7 @@ __all__ = (
   "add_decayed_weights_after_step",
   "canonical_signs",
   "clip_by_norm_growth",
+  "dimension_numbers_for_paths",
   "fira_adamw",
   "galore_adamw",
   "limit_norm_growth",

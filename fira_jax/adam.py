@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -70,14 +71,21 @@ def scale_by_uncorrected_adam(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _one_minus_power(b: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
+  """``1 - bᵗ`` as ``-expm1(t log b)``: float32 ``1 - 0.999**t`` loses digits early on."""
+  if isinstance(b, (int, float)):
+    log_b = jnp.float32(np.log(b))  # in float64, before rounding to float32
+  else:
+    log_b = jnp.log(jnp.asarray(b, jnp.float32))
+  return -jnp.expm1(t * log_b)
+
+
 def adam_step_size(
   count: jax.typing.ArrayLike, b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike
 ) -> jax.Array:
-  """``√(1 − β₂ᵗ) / (1 − β₁ᵗ)`` for the ``count``-th step (``t = count ≥ 1``)."""
+  """``√(1 − β₂ᵗ) / (1 − β₁ᵗ)`` for the ``count``-th step (``t = count ≥ 1``), in float32."""
   t = jnp.asarray(count, jnp.float32)
-  return jnp.sqrt(1.0 - jnp.asarray(b2, jnp.float32) ** t) / (
-    1.0 - jnp.asarray(b1, jnp.float32) ** t
-  )
+  return jnp.sqrt(_one_minus_power(b2, t)) / _one_minus_power(b1, t)
 
 
 class ScaleByAdamStepSizeState(NamedTuple):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -209,6 +210,37 @@ def resolve_dimension_numbers(
         f"weight_dimension_numbers leaves must be FiraDimensionNumbers or None, got {spec!r}."
       )
   return specs
+
+
+def dimension_numbers_for_paths(
+  pattern: str, spec: FiraDimensionNumbers | None = None
+) -> Callable[[Any], Any]:
+  """A ``weight_dimension_numbers`` callable that projects leaves whose path matches.
+
+  Leaves whose key path (as ``jax.tree_util.keystr`` writes it, e.g.
+  ``"['layers']['attn']['q']['kernel']"``) matches the regular expression
+  ``pattern`` (``re.search``) and that have two or more dimensions get ``spec``
+  (default ``FiraDimensionNumbers()``); all others get None.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> params = {'attn': {'kernel': jnp.zeros((4, 4))}, 'embed': jnp.zeros((10, 4))}
+    >>> fn = fira_jax.dimension_numbers_for_paths(r"attn|mlp")
+    >>> fn(params)
+    {'attn': {'kernel': FiraDimensionNumbers(reduction_axis=0, output_axis=1)}, 'embed': None}
+  """
+  spec = FiraDimensionNumbers() if spec is None else spec
+  regex = re.compile(pattern)
+
+  def select(tree):
+    return jax.tree_util.tree_map_with_path(
+      lambda path, x: (
+        spec if jnp.ndim(x) >= 2 and regex.search(jax.tree_util.keystr(path)) else None
+      ),
+      tree,
+    )
+
+  return select
 
 
 def leaf_names(tree: Any) -> list[str]:

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference_fira
 
 import fira_jax
-import reference_fira
 
 GOLDEN = pathlib.Path(__file__).with_name("golden") / "reference_fira.npz"
 TOLERANCE = 1e-3  # relative Frobenius error of W_t - W_0; a faithful port reaches ~1e-5
@@ -34,8 +34,9 @@ def load_cases():
   return cases
 
 
-def run_fira_jax(w0, grads, *, projected, rank, update_proj_gap, alpha, lr, layout,
-                 weight_decay=0.0):
+def run_fira_jax(
+  w0, grads, *, projected, rank, update_proj_gap, alpha, lr, layout, weight_decay=0.0
+):
   """fira_adamw on the same problem; returns W_t - W_0 per step in torch (out, in) layout."""
   flax_layout = layout == "in_out"
   to_jax = lambda k, x: jnp.asarray(x.T if flax_layout and x.ndim == 2 else x)
@@ -110,8 +111,13 @@ def test_golden_trajectory_differs_from_a_plain_adamw_run():
   config, fields = CASES["mixed_alpha0.25"]
   grads = [{k: v[t] for k, v in fields["grads"].items()} for t in range(config["steps"])]
   ours = run_fira_jax(
-    fields["w0"], grads, projected=[], rank=config["rank"],
-    update_proj_gap=config["update_proj_gap"], alpha=config["alpha"], lr=config["lr"],
+    fields["w0"],
+    grads,
+    projected=[],
+    rank=config["rank"],
+    update_proj_gap=config["update_proj_gap"],
+    alpha=config["alpha"],
+    lr=config["lr"],
     layout="in_out",
   )
   with pytest.raises(AssertionError, match="relative error"):

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import reference_fira  # noqa: E402
+import reference_fira
 
 # name -> (shapes, projected names, hyperparameters, steps, seed)
 CASES = {

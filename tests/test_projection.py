@@ -1,0 +1,135 @@
+"""Subspace projection: layouts, compressed side, SVD bases and their sign convention."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fira_jax import projection
+from fira_jax.projection import FiraDimensionNumbers
+
+
+@pytest.mark.parametrize(
+  ("shape", "side", "compressed_axis"),
+  [
+    ((10, 20), "smaller", 0),  # (in, out): in is smaller -> compress the input side
+    ((20, 10), "smaller", 1),
+    ((12, 12), "smaller", 0),  # square: the reference compresses the input side
+    ((10, 20), "larger", 1),
+    ((12, 12), "larger", 0),  # optax.contrib.galore: ties compress the reduction side
+    ((10, 20), "output", 1),
+    ((20, 10), "reduction", 0),
+  ],
+)
+def test_compressed_side_follows_the_rule(shape, side, compressed_axis):
+  layout = projection.matrix_layout(shape, FiraDimensionNumbers(), 4, side)
+  assert layout.compressed_axis == compressed_axis
+
+
+def test_rank_is_clipped_to_the_smaller_dimension():
+  layout = projection.matrix_layout((5, 9), FiraDimensionNumbers(), 64)
+  assert layout.rank == 5
+  assert layout.projector_shape == (5, 5)
+  assert layout.low_rank_shape == (5, 9)
+
+
+def test_batch_axes_are_kept_in_state_shapes():
+  # A stacked (layers, in, out) kernel: layers is a batch axis.
+  layout = projection.matrix_layout((3, 8, 16), FiraDimensionNumbers(1, 2), 4)
+  assert layout.batch_shape == (3,)
+  assert layout.projector_shape == (3, 8, 4)
+  assert layout.low_rank_shape == (3, 4, 16)
+
+
+def test_to_matrices_round_trips_with_multi_axis_specs():
+  x = jnp.arange(2 * 3 * 4 * 5, dtype=jnp.float32).reshape(2, 3, 4, 5)
+  spec = FiraDimensionNumbers(reduction_axis=2, output_axis=(3, 0))
+  layout = projection.matrix_layout(x.shape, spec, 2)
+  matrices = layout.to_matrices(x)
+  assert matrices.shape == (3, 4, 10)
+  chex.assert_trees_all_equal(layout.from_matrices(matrices), x)
+  # matrices[b, i, o] with o = (axis 3, axis 0) flattened in order: o = a3 * 2 + a0
+  np.testing.assert_array_equal(matrices[1, 2, 3 * 2 + 1], x[1, 1, 2, 3])
+
+
+@pytest.mark.parametrize(
+  ("shape", "spec", "message"),
+  [
+    ((4,), FiraDimensionNumbers(), "fewer than two dimensions"),
+    ((4, 5), FiraDimensionNumbers(0, 2), "does not exist"),
+    ((4, 5), FiraDimensionNumbers(0, 0), "more than once"),
+    ((4, 5, 6), FiraDimensionNumbers((), 1), "at least one reduction"),
+  ],
+)
+def test_bad_dimension_numbers_name_the_parameter(shape, spec, message):
+  with pytest.raises(ValueError, match=message) as info:
+    projection.matrix_layout(shape, spec, 2, name="parameter ['w']")
+  assert "parameter ['w']" in str(info.value)
+  assert str(shape) in str(info.value)
+
+
+def test_layouts_name_the_parameter_path_on_error():
+  params = {"layer": {"kernel": jnp.zeros((4, 5)), "bias": jnp.zeros(5)}}
+  specs = {"layer": {"kernel": FiraDimensionNumbers(), "bias": FiraDimensionNumbers()}}
+  with pytest.raises(ValueError, match=r"\['layer'\]\['bias'\]"):
+    projection.layouts_for(params, specs, 2)
+
+
+def test_resolve_accepts_none_spec_prefix_tree_and_callable():
+  params = {"a": {"w": jnp.zeros((4, 5)), "b": jnp.zeros(5)}, "c": jnp.zeros((2, 3, 4))}
+  default = projection.resolve_dimension_numbers(None, params)
+  assert default == [None, FiraDimensionNumbers(), None]  # only 2-D leaves
+  spec = FiraDimensionNumbers(1, 2)
+  single = projection.resolve_dimension_numbers(spec, params)
+  assert single == [None, spec, spec]  # every leaf with >= 2 dims
+  prefix = projection.resolve_dimension_numbers({"a": None, "c": spec}, params)
+  assert prefix == [None, None, spec]
+  from_fn = projection.resolve_dimension_numbers(lambda p: {"a": spec, "c": None}, params)
+  assert from_fn == [spec, spec, None]
+
+
+def test_resolve_rejects_a_tree_that_does_not_match():
+  params = {"w": jnp.zeros((4, 5))}
+  with pytest.raises(ValueError, match="prefix of the parameters"):
+    projection.resolve_dimension_numbers({"v": None}, params)
+
+
+def test_canonical_signs_make_the_largest_entry_of_each_column_positive():
+  basis = jnp.array([[0.6, -0.1], [-0.8, 0.3], [0.0, -0.9]])
+  fixed = projection.canonical_signs(basis)
+  np.testing.assert_allclose(fixed, jnp.array([[-0.6, 0.1], [0.8, -0.3], [0.0, 0.9]]))
+
+
+def test_canonical_signs_break_ties_at_the_first_entry():
+  fixed = projection.canonical_signs(jnp.array([[-0.5], [0.5]]))
+  np.testing.assert_allclose(fixed, jnp.array([[0.5], [-0.5]]))
+
+
+@pytest.mark.parametrize("compressed_axis", [0, 1])
+def test_svd_projector_is_orthonormal_and_spans_the_top_subspace(compressed_axis):
+  key_u, key_v = jax.random.split(jax.random.key(0))
+  u = jnp.linalg.qr(jax.random.normal(key_u, (12, 3)))[0]
+  v = jnp.linalg.qr(jax.random.normal(key_v, (9, 3)))[0]
+  x = (u * jnp.array([5.0, 3.0, 2.0])) @ v.T  # exact rank 3, (reduction, output) = (12, 9)
+  p = projection.svd_projector(x[None], 3, compressed_axis)[0]
+  assert p.shape == ((12, 3) if compressed_axis == 0 else (9, 3))
+  np.testing.assert_allclose(p.T @ p, jnp.eye(3), atol=1e-5)
+  # projecting and back-projecting a matrix in the subspace loses nothing
+  r = projection.project(x[None], p[None], compressed_axis)
+  back = projection.project_back(r, p[None], compressed_axis)[0]
+  np.testing.assert_allclose(back, x, atol=1e-4)
+
+
+def test_svd_projector_does_not_depend_on_the_input_sign():
+  x = jax.random.normal(jax.random.key(1), (1, 7, 5))
+  chex.assert_trees_all_close(
+    projection.svd_projector(x, 3, 0), projection.svd_projector(-x, 3, 0), atol=1e-5
+  )
+
+
+def test_svd_projector_keeps_the_gradient_dtype():
+  x = jax.random.normal(jax.random.key(2), (2, 6, 4)).astype(jnp.bfloat16)
+  assert projection.svd_projector(x, 2, 1).dtype == jnp.bfloat16
