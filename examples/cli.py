@@ -1,0 +1,69 @@
+"""Command-line flags from a config dataclass: one ``--flag`` per field, with its comment."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import pathlib
+import re
+import shutil
+import typing
+
+
+def _field_comments(cls) -> dict[str, str]:
+  comments = {}
+  for line in inspect.getsource(cls).splitlines():
+    match = re.match(r"\s+(\w+):.*?#\s*(.*)$", line)
+    if match:
+      comments[match.group(1)] = match.group(2)
+  return comments
+
+
+def _parser_for(kind):
+  """argparse ``type`` for an annotation such as ``int``, ``float | None`` or ``str``."""
+  args = [a for a in typing.get_args(kind) if a is not type(None)]
+  base = args[0] if args else kind
+  optional = type(None) in typing.get_args(kind)
+
+  def parse(text: str):
+    if optional and text.lower() == "none":
+      return None
+    return base(text)
+
+  parse.__name__ = getattr(base, "__name__", str(base))
+  return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None) -> None:
+  comments = _field_comments(cls)
+  hints = typing.get_type_hints(cls)
+  defaults = defaults or cls()
+  for field in dataclasses.fields(cls):
+    flag = "--" + field.name.replace("_", "-")
+    default = getattr(defaults, field.name)
+    help_text = f"{comments.get(field.name, '')} (default: {default})"
+    if hints[field.name] is bool:
+      parser.add_argument(
+        flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+      )
+    else:
+      parser.add_argument(
+        flag, type=_parser_for(hints[field.name]), default=default, help=help_text
+      )
+
+
+def config_from_args(cls, args: argparse.Namespace):
+  return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def prepare_workdir(workdir: pathlib.Path, resume: bool, overwrite: bool) -> None:
+  """Refuses to mix a new run with an old one's checkpoints unless told what to do."""
+  checkpoints = workdir / "checkpoints"
+  if checkpoints.exists() and any(checkpoints.iterdir()) and not resume:
+    if not overwrite:
+      raise SystemExit(
+        f"{workdir} holds checkpoints of an earlier run. Pass --resume to continue it,"
+        " --overwrite to start again, or choose another --workdir."
+      )
+    shutil.rmtree(workdir)

@@ -1,0 +1,388 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Writes to ``workdir``: ``checkpoints/`` (orbax; model, optimizer state, step and the run's
+config), ``metrics.jsonl`` (one JSON object per logged step and per evaluation),
+``loss.png`` and ``summary.json``. ``resume=True`` continues from the last complete checkpoint
+and ends with the same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import signal
+import time
+
+import data as data_lib
+import jax
+import jax.numpy as jnp
+import model as model_lib
+import numpy as np
+import optim
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+
+@dataclasses.dataclass
+class Config:
+  # model
+  model: str = "tiny"  # one of model.CONFIGS
+  scan_layers: bool = False  # stack the blocks (nnx.scan): (L, in, out) kernels
+  # optimizer
+  optimizer: str = "fira"  # fira | galore | galore-optax | adamw | lora
+  lr: float = 0.01  # peak learning rate (the paper's 0.01)
+  embed_lr: float | None = None  # adamw only: own lr for embeddings, head and norms
+  warmup: float = 0.1  # fraction of steps with linear warm-up
+  min_lr_ratio: float = 0.1  # cosine decay ends at this fraction of the peak
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-6
+  weight_decay: float = 0.0
+  rank: int = 0  # Fira/GaLore rank; 0 means hidden / 4 (the paper up to 350M)
+  update_proj_gap: int = 200  # steps between projector refreshes
+  scale: float = 0.25  # Fira/GaLore alpha
+  norm_growth_limit: float | None = 1.01  # Fira's limiter gamma; None disables
+  scaling: str = "column"  # Fira's norm-based scaling: column | matrix
+  formulation: str = "reference"  # reference | paper
+  compressed_side: str = "smaller"  # smaller (reference) | larger (optax) | reduction | output
+  lora_rank: int = 0  # lora: adapter rank; 0 means the Fira rank
+  # data
+  data: str | None = None  # a .txt/.jsonl file or folder; default: the stdlib sources
+  domain: str = "pretrain"  # which part of the stdlib corpus (pretrain | finetune)
+  hf_dataset: str | None = None  # a Hugging Face dataset name or save_to_disk folder
+  hf_config: str | None = None
+  tokenizer: str = "bytes"  # bytes | bpe:PATH | bpe-train:VOCAB
+  batch_size: int = 16
+  seq_len: int = 128
+  # schedule of the run
+  steps: int = 1200
+  seed: int = 0  # model init and batch order
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  checkpoint_every: int = 200
+  checkpoints: bool = True  # write orbax checkpoints (compare.py turns them off)
+  resume: bool = False  # continue from workdir's last checkpoint
+  init_from: str | None = None  # start from the model weights of another run's workdir
+  stop_after: int | None = None  # stop (as if interrupted) after this many steps
+  progress: bool = True  # show a progress bar
+  plot: bool = True  # write loss.png
+
+
+def model_config_for(config: Config, vocab_size: int) -> model_lib.LlamaConfig:
+  lora_rank = 0
+  if config.optimizer == "lora":
+    base = model_lib.make_config(config.model)
+    lora_rank = config.lora_rank or config.rank or max(1, base.hidden // 4)
+  return model_lib.make_config(
+    config.model,
+    vocab_size=vocab_size,
+    max_seq_len=config.seq_len,
+    scan_layers=config.scan_layers,
+    lora_rank=lora_rank,
+  )
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def describe_bytes(n: int) -> str:
+  return f"{n / 2**20:.2f} MiB"
+
+
+class MetricsLog:
+  """``metrics.jsonl``: appends records; on resume drops those past the restored step."""
+
+  def __init__(self, path: pathlib.Path, resume_step: int | None):
+    self.path = path
+    if resume_step is None:
+      path.write_text("")
+    elif path.exists():
+      kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= resume_step
+      ]
+      path.write_text("".join(line + "\n" for line in kept))
+
+  def write(self, record: dict) -> None:
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def read(self) -> list[dict]:
+    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(records: list[dict], path: pathlib.Path, title: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  if train:
+    ax.plot(*zip(*train, strict=True), label="train loss", alpha=0.6)
+  if evals:
+    ax.plot(*zip(*evals, strict=True), "o-", label="validation loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def evaluate(eval_step, model, batches) -> float:
+  losses = [float(eval_step(model, jnp.asarray(b))) for b in batches]
+  return float(np.mean(losses))
+
+
+def checkpoint_manager(workdir: pathlib.Path, config: Config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+  return ocp.CheckpointManager(workdir.resolve() / "checkpoints", options=options)
+
+
+def run_metadata(config: Config, model_config: model_lib.LlamaConfig, tokenizer) -> dict:
+  return {
+    "config": dataclasses.asdict(config),
+    "model_config": dataclasses.asdict(model_config),
+    "tokenizer": tokenizer.name,
+  }
+
+
+def check_compatible(saved: dict, current: dict, workdir: pathlib.Path) -> None:
+  """A checkpoint from another model or optimizer cannot be resumed: say what differs."""
+  problems = []
+  if saved["model_config"] != current["model_config"]:
+    problems.append(f"model {saved['model_config']} != {current['model_config']}")
+  for key in ("optimizer", "rank", "update_proj_gap", "steps", "batch_size", "seq_len", "seed"):
+    if saved["config"].get(key) != current["config"].get(key):
+      problems.append(
+        f"{key}: checkpoint {saved['config'].get(key)!r}, now {current['config'].get(key)!r}"
+      )
+  if saved["tokenizer"] != current["tokenizer"]:
+    problems.append(f"tokenizer: checkpoint {saved['tokenizer']}, now {current['tokenizer']}")
+  if problems:
+    raise ValueError(
+      f"cannot resume from {workdir}: the checkpoint was written by a different run ("
+      + "; ".join(problems)
+      + "). Resume with the same flags, or use a new --workdir."
+    )
+
+
+def read_checkpoint_meta(workdir: str | pathlib.Path) -> dict:
+  """The config stored with the latest checkpoint of a run's ``workdir``."""
+  manager = ocp.CheckpointManager(pathlib.Path(workdir).resolve() / "checkpoints")
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found under {workdir}/checkpoints.")
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  manager.close()
+  return meta
+
+
+def load_model_weights(model: nnx.Module, source_workdir: str) -> None:
+  """Loads the model parameters of another run's latest checkpoint into ``model``.
+
+  Parameters the source does not have (LoRA adapters) keep their initial values.
+  """
+  meta = read_checkpoint_meta(source_workdir)
+  base_config = model_lib.LlamaConfig(**{**meta["model_config"], "lora_rank": 0})
+  if base_config.vocab_size != model.config.vocab_size:
+    raise ValueError(
+      f"--init-from {source_workdir}: its vocabulary has {base_config.vocab_size} tokens, this"
+      f" run's tokenizer {model.config.vocab_size}; use the same --tokenizer."
+    )
+  abstract = {"model": nnx.state(nnx.eval_shape(lambda: model_lib.Llama(base_config, nnx.Rngs(0))))}
+  manager = ocp.CheckpointManager(pathlib.Path(source_workdir).resolve() / "checkpoints")
+  restored = manager.restore(
+    manager.latest_step(),
+    args=ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract, partial_restore=True)),
+  )["state"]
+  manager.close()
+  nnx.update(model, restored["model"])
+
+
+def build_run(config: Config, workdir: pathlib.Path):
+  """Corpus, model (with ``init_from`` weights) and model config of a run."""
+  corpus = data_lib.load_corpus(
+    data=config.data,
+    hf_dataset=config.hf_dataset,
+    hf_config=config.hf_config,
+    domain=config.domain,
+    tokenizer=config.tokenizer,
+    tokenizer_out=workdir / "tokenizer.json",
+  )
+  model_config = model_config_for(config, corpus.tokenizer.vocab_size)
+  model = model_lib.Llama(model_config, nnx.Rngs(config.seed))
+  if config.init_from:
+    load_model_weights(model, config.init_from)
+  return corpus, model, model_config
+
+
+def evaluate_only(config: Config, workdir: str | pathlib.Path) -> float:
+  """Validation loss of the starting weights (e.g. before fine-tuning)."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  corpus, model, _ = build_run(config, workdir)
+  batches = data_lib.eval_batches(
+    corpus.val_tokens, config.batch_size, config.seq_len, config.eval_batches
+  )
+  return evaluate(nnx.jit(model_lib.next_token_loss), model, batches)
+
+
+def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
+  """Trains ``config.model`` with ``config.optimizer``; returns the run's summary."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  corpus, model, model_config = build_run(config, workdir)
+  wrt = optim.trainable_filter(config.optimizer)
+  tx = optim.build_optimizer(config, model_config)
+  optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+  schedule = optim.learning_rate_schedule(
+    config.lr, config.steps, config.warmup, config.min_lr_ratio
+  )
+
+  if config.checkpoints and config.optimizer == "galore-optax":
+    raise ValueError(
+      "optax.contrib.galore keeps zero-size placeholder arrays in its state, which orbax"
+      " refuses to save; pass --no-checkpoints (or use --optimizer galore)."
+    )
+  meta = run_metadata(config, model_config, corpus.tokenizer)
+  manager = checkpoint_manager(workdir, config)
+  start_step = 0
+  if config.resume and manager.latest_step() is not None:
+    step = manager.latest_step()
+    saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    check_compatible(saved, meta, workdir)
+    abstract = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+    restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    )["state"]
+    nnx.update(model, restored["model"])
+    nnx.update(optimizer, restored["optimizer"])
+    start_step = step
+  log = MetricsLog(workdir / "metrics.jsonl", start_step if config.resume else None)
+
+  def save(step: int) -> None:
+    if not config.checkpoints:
+      return
+    state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=True,
+    )
+    manager.wait_until_finished()
+
+  opt_bytes = tree_bytes(nnx.state(optimizer))
+  # Full-rank AdamW's state on the model's own weights (LoRA adapters are not counted).
+  adam_bytes = 2 * tree_bytes(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  print(
+    f"model {config.model}: {n_params / 1e6:.2f}M parameters ({model_config}); corpus:"
+    f" {corpus.description}: {len(corpus.train_tokens):,} train / {len(corpus.val_tokens):,}"
+    f" validation tokens ({corpus.tokenizer.name})"
+  )
+  print(
+    f"optimizer {config.optimizer}: state {describe_bytes(opt_bytes)} vs AdamW's"
+    f" {describe_bytes(adam_bytes)} on the same parameters ({opt_bytes / adam_bytes:.3f}x)"
+  )
+
+  @nnx.jit
+  def train_step(model, optimizer, batch):
+    loss, grads = nnx.value_and_grad(model_lib.next_token_loss, argnums=nnx.DiffState(0, wrt))(
+      model, batch
+    )
+    optimizer.update(model, grads)
+    return loss
+
+  @nnx.jit
+  def eval_step(model, batch):
+    return model_lib.next_token_loss(model, batch)
+
+  val_batches = data_lib.eval_batches(
+    corpus.val_tokens, config.batch_size, config.seq_len, config.eval_batches
+  )
+  tokens_per_step = config.batch_size * config.seq_len
+  end_step = (
+    config.steps if config.stop_after is None else min(config.steps, start_step + config.stop_after)
+  )
+  batches = corpus.batches(start_step, config.seed, config.batch_size, config.seq_len)
+
+  # SIGTERM (a scheduler's kill) is handled like Ctrl-C: save, then stop.
+  previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
+  bar = tqdm(
+    total=config.steps,
+    initial=start_step,
+    disable=not config.progress,
+    unit="step",
+    dynamic_ncols=True,
+    desc=config.optimizer,
+  )
+  step, window_start, eval_loss = start_step, time.perf_counter(), None
+  try:
+    for step in range(start_step + 1, end_step + 1):
+      loss = train_step(model, optimizer, jnp.asarray(next(batches)))
+      if step % config.log_every == 0 or step == end_step:
+        loss = float(loss)
+        if not math.isfinite(loss):
+          raise FloatingPointError(f"the training loss is {loss} at step {step}; lower --lr.")
+        elapsed = time.perf_counter() - window_start
+        tok_s = tokens_per_step * config.log_every / max(elapsed, 1e-9)
+        window_start = time.perf_counter()
+        lr = float(schedule(step - 1))
+        log.write({"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_s})
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+      bar.update(1)
+      if step % config.eval_every == 0 or step == config.steps:
+        eval_loss = evaluate(eval_step, model, val_batches)
+        log.write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)})
+        bar.write(
+          f"step {step}: validation loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}"
+        )
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        save(step)
+      if step % config.eval_every == 0 or step % config.checkpoint_every == 0:
+        window_start = time.perf_counter()  # tokens/s counts training steps only
+  except KeyboardInterrupt:
+    bar.write(f"interrupted at step {step}: saving a checkpoint so that --resume continues here")
+    save(step)
+    raise
+  finally:
+    bar.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+  if step == end_step and end_step % config.checkpoint_every and end_step != config.steps:
+    save(step)  # stopped early on purpose (stop_after): keep the position
+  manager.close()
+
+  records = log.read()
+  if config.plot:
+    plot_losses(
+      records, workdir / "loss.png", f"{config.model} / {config.optimizer} (lr {config.lr})"
+    )
+  evals = [r for r in records if "eval_loss" in r]
+  rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # skip compilation
+  summary = {
+    "optimizer": config.optimizer,
+    "lr": config.lr,
+    "seed": config.seed,
+    "steps_done": step,
+    "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+    "final_eval_ppl": evals[-1]["eval_ppl"] if evals else None,
+    "optimizer_state_bytes": opt_bytes,
+    "adamw_state_bytes": adam_bytes,
+    "tokens_per_s": float(np.median(rates)) if rates else None,
+    "parameters": n_params,
+  }
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary

@@ -1,0 +1,292 @@
+"""The training workflow in examples/: a few steps on a tiny config each (seconds, not minutes)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import sys
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import compare  # noqa: E402
+import data as data_lib  # noqa: E402
+import finetune  # noqa: E402
+import model as model_lib  # noqa: E402
+import pretrain  # noqa: E402
+import train  # noqa: E402
+
+import fira_jax  # noqa: E402
+
+SMALL = ["--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+  """A small corpus of real text (stdlib modules) with one unique marker per file."""
+  root = tmp_path_factory.mktemp("corpus")
+  sources = sorted(data_lib.stdlib_root().glob("*.py"))[:30]
+  for i, source in enumerate(sources):
+    (root / f"doc{i:02d}.txt").write_text(f"MARKER{i:02d}MARKER\n" + source.read_text()[:20000])
+  return root
+
+
+def restored_state(workdir: pathlib.Path) -> dict:
+  """The latest checkpoint's {"model": ..., "optimizer": ...}, as saved (no target needed)."""
+  with ocp.CheckpointManager(workdir.resolve() / "checkpoints") as manager:
+    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+    return manager.restore(manager.latest_step(), args=args)["state"]
+
+
+def flat_arrays(tree) -> dict[str, np.ndarray]:
+  """{key path: array}, with nnx's `.value` and list indices written alike in both forms."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key = jax.tree_util.keystr(path).replace("['value']", "").replace(".value", "")
+    flat[re.sub(r"\[(\d+)\]", r"['\1']", key)] = np.asarray(leaf)
+  return flat
+
+
+def test_pretrain_writes_checkpoint_metrics_and_plot(tmp_path, corpus_dir):
+  workdir = tmp_path / "run"
+  summary = pretrain.main(
+    [
+      "--workdir",
+      str(workdir),
+      "--data",
+      str(corpus_dir),
+      "--steps",
+      "6",
+      "--eval-every",
+      "3",
+      "--checkpoint-every",
+      "3",
+      *SMALL,
+    ]
+  )
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+  assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+  assert (workdir / "loss.png").stat().st_size > 1000
+  assert summary["optimizer_state_bytes"] < 0.5 * summary["adamw_state_bytes"]
+  with ocp.CheckpointManager(workdir.resolve() / "checkpoints") as manager:
+    assert manager.latest_step() == 6
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_resumed_run_ends_with_the_same_parameters_as_an_uninterrupted_one(
+  tmp_path, corpus_dir, scan_layers
+):
+  common = [
+    "--data",
+    str(corpus_dir),
+    "--steps",
+    "8",
+    "--checkpoint-every",
+    "3",
+    "--eval-every",
+    "4",
+    "--update-proj-gap",
+    "3",
+    *SMALL,
+  ]
+  if scan_layers:
+    common.append("--scan-layers")
+  pretrain.main(["--workdir", str(tmp_path / "full"), *common])
+  pretrain.main(["--workdir", str(tmp_path / "cut"), "--stop-after", "5", *common])
+  pretrain.main(["--workdir", str(tmp_path / "cut"), "--resume", *common])
+  full, resumed = (
+    flat_arrays(restored_state(tmp_path / "full")),
+    flat_arrays(restored_state(tmp_path / "cut")),
+  )
+  assert len(full) > 50 and full.keys() == resumed.keys()  # model and optimizer state
+  assert any("projector" in k for k in full)
+  for key, value in full.items():
+    np.testing.assert_array_equal(value, resumed[key], err_msg=key)
+  metrics = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+  steps = [json.loads(line)["step"] for line in metrics if "loss" in json.loads(line)]
+  assert steps == sorted(set(steps)), "resumed metrics must not repeat steps"
+
+
+def test_resume_refuses_a_checkpoint_from_another_optimizer(tmp_path, corpus_dir):
+  common = ["--workdir", str(tmp_path), "--data", str(corpus_dir), "--steps", "2", *SMALL]
+  pretrain.main(common)
+  with pytest.raises(SystemExit, match="optimizer: checkpoint 'fira', now 'adamw'"):
+    pretrain.main([*common, "--resume", "--optimizer", "adamw"])
+
+
+def test_a_second_run_in_the_same_workdir_needs_resume_or_overwrite(tmp_path, corpus_dir):
+  common = ["--workdir", str(tmp_path), "--data", str(corpus_dir), "--steps", "2", *SMALL]
+  pretrain.main(common)
+  with pytest.raises(SystemExit, match="--resume to continue"):
+    pretrain.main(common)
+
+
+def test_missing_corpus_gets_a_clear_error(tmp_path):
+  with pytest.raises(SystemExit, match="no such file or folder"):
+    pretrain.main(["--workdir", str(tmp_path), "--data", str(tmp_path / "nope"), *SMALL])
+
+
+def test_lora_baseline_trains_only_adapters_and_unadapted_weights(tmp_path, corpus_dir):
+  config = train.Config(
+    optimizer="lora",
+    data=str(corpus_dir),
+    steps=4,
+    batch_size=2,
+    seq_len=32,
+    eval_batches=1,
+    progress=False,
+    plot=False,
+    lr=0.01,
+  )
+  corpus, model, _ = train.build_run(config, tmp_path)
+  before = flat_arrays(nnx.state(model, nnx.Param))
+  train.train_and_evaluate(config, tmp_path / "run")
+  after = flat_arrays(restored_state(tmp_path / "run")["model"])
+  assert before.keys() == after.keys()
+  changed = {k: not np.array_equal(v, after[k]) for k, v in before.items()}
+  frozen = [k for k in changed if ("'attn'" in k or "'mlp'" in k) and "lora" not in k]
+  adapters = [k for k in changed if "lora_b" in k]
+  assert frozen and adapters
+  assert not any(changed[k] for k in frozen), "base attention/MLP kernels must stay frozen"
+  assert all(changed[k] for k in adapters), "every adapter must train"
+  assert changed[next(k for k in changed if "embedding" in k)]
+  del corpus
+
+
+def test_scanned_model_gives_fira_one_projector_per_layer():
+  config = model_lib.make_config("tiny", scan_layers=True)
+  model = model_lib.Llama(config, nnx.Rngs(0))
+  tx = fira_jax.fira_adamw(
+    0.01,
+    rank=8,
+    weight_dimension_numbers=fira_jax.dimension_numbers_for_paths(
+      model_lib.MATRIX_PATTERN, fira_jax.FiraDimensionNumbers(1, 2)
+    ),
+  )
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  projector = optimizer.opt_state[0].projector
+  assert projector["layers"]["attn"]["q"]["kernel"][...].shape == (config.layers, config.hidden, 8)
+  assert projector["embed"]["embedding"] == optax.MaskedNode()
+
+
+def test_split_is_deterministic_and_validation_text_never_reaches_training(corpus_dir):
+  a = data_lib.load_corpus(data=str(corpus_dir))
+  b = data_lib.load_corpus(data=str(corpus_dir))
+  assert a.val_names == b.val_names and a.train_names == b.train_names
+  assert set(a.val_names).isdisjoint(a.train_names) and a.val_names
+  train_text = data_lib.ByteTokenizer().decode(a.train_tokens)
+  for name in a.val_names:
+    marker = f"MARKER{int(name[3:5]):02d}MARKER"
+    assert marker not in train_text
+  for name in a.train_names:
+    assert f"MARKER{int(name[3:5]):02d}MARKER" in train_text
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+  tokens = np.arange(10_000, dtype=np.int32)
+  first = data_lib.batch_at(tokens, 7, 0, 4, 16)
+  np.testing.assert_array_equal(first, data_lib.batch_at(tokens, 7, 0, 4, 16))
+  assert not np.array_equal(first, data_lib.batch_at(tokens, 8, 0, 4, 16))
+  assert first.shape == (4, 17)
+  np.testing.assert_array_equal(np.diff(first, axis=1), 1)  # contiguous windows
+
+
+def test_stdlib_pretrain_and_finetune_domains_do_not_overlap():
+  pre = {d.name for d in data_lib.stdlib_documents("pretrain")}
+  fine = {d.name for d in data_lib.stdlib_documents("finetune")}
+  assert pre and fine and pre.isdisjoint(fine)
+
+
+def test_jsonl_and_hugging_face_dataset_saved_locally(tmp_path):
+  datasets = pytest.importorskip("datasets")
+  texts = [f"document {i}: " + "some text " * 50 for i in range(40)]
+  (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+  from_jsonl = data_lib.load_corpus(data=str(tmp_path / "docs.jsonl"))
+  assert len(from_jsonl.train_names) + len(from_jsonl.val_names) == 40
+  datasets.DatasetDict(
+    {
+      "train": datasets.Dataset.from_dict({"text": texts[:30]}),
+      "validation": datasets.Dataset.from_dict({"text": texts[30:]}),
+    }
+  ).save_to_disk(str(tmp_path / "hf"))
+  from_hf = data_lib.load_corpus(hf_dataset=str(tmp_path / "hf"))
+  assert len(from_hf.train_names) == 30 and len(from_hf.val_names) == 10
+
+
+def test_bpe_tokenizer_trained_on_the_training_split_round_trips(tmp_path, corpus_dir):
+  corpus = data_lib.load_corpus(
+    data=str(corpus_dir), tokenizer="bpe-train:400", tokenizer_out=tmp_path / "t.json"
+  )
+  assert corpus.tokenizer.vocab_size <= 400
+  text = "def f(x):\n    return x + 1\n"
+  assert corpus.tokenizer.decode(corpus.tokenizer.encode(text)) == text
+  reloaded = data_lib.load_corpus(data=str(corpus_dir), tokenizer=f"bpe:{tmp_path / 't.json'}")
+  np.testing.assert_array_equal(reloaded.val_tokens, corpus.val_tokens)
+
+
+def test_compare_writes_the_tables_and_the_plot(tmp_path, corpus_dir):
+  text = compare.main(
+    [
+      "--smoke",
+      "--steps",
+      "3",
+      "--eval-every",
+      "3",
+      "--eval-batches",
+      "1",
+      "--seeds",
+      "1",
+      "--batch-size",
+      "2",
+      "--seq-len",
+      "32",
+      "--out",
+      str(tmp_path),
+      "--data",
+      str(corpus_dir),
+    ]
+  )
+  for label in compare.LABELS.values():
+    assert label in text
+  assert "Rank sweep" in text and (tmp_path / "curves.png").exists()
+  results = compare.load_results(tmp_path / "results.jsonl")
+  assert {r["kind"] for r in results.values()} == set(compare.LABELS)
+
+
+def test_finetune_starts_every_optimizer_from_the_pretrained_weights(tmp_path, corpus_dir):
+  pretrain.main(
+    ["--workdir", str(tmp_path / "pre"), "--data", str(corpus_dir), "--steps", "3", *SMALL]
+  )
+  text = finetune.main(
+    [
+      "--init-from",
+      str(tmp_path / "pre"),
+      "--out",
+      str(tmp_path / "ft"),
+      "--steps",
+      "2",
+      "--batch-size",
+      "2",
+      "--eval-batches",
+      "1",
+      "--data",
+      str(corpus_dir),
+      "--no-progress",
+    ]
+  )
+  rows = [
+    line.split("|")
+    for line in text.splitlines()
+    if line.startswith("| fira") or line.startswith("| lora") or line.startswith("| adamw")
+  ]
+  assert len(rows) == 3
+  assert len({row[3].strip() for row in rows}) == 1, "the same starting perplexity for all"
