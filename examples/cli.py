@@ -35,7 +35,9 @@ def _parser_for(kind):
   return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, choices=None) -> None:
+  """Adds ``--field-name`` for each dataclass field; ``choices`` maps field names to options."""
+  choices = choices or {}
   comments = _field_comments(cls)
   hints = typing.get_type_hints(cls)
   defaults = defaults or cls()
@@ -49,7 +51,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None) -> Non
       )
     else:
       parser.add_argument(
-        flag, type=_parser_for(hints[field.name]), default=default, help=help_text
+        flag,
+        type=_parser_for(hints[field.name]),
+        default=default,
+        help=help_text,
+        choices=choices.get(field.name),
       )
 
 

@@ -47,7 +47,13 @@ def build_optimizer(config, model_config: LlamaConfig) -> optax.GradientTransfor
   if name not in OPTIMIZERS:
     raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}.")
   schedule = learning_rate_schedule(config.lr, config.steps, config.warmup, config.min_lr_ratio)
-  adam = dict(b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
+  adam = dict(
+    b1=config.b1,
+    b2=config.b2,
+    eps=config.eps,
+    weight_decay=config.weight_decay,
+    mu_dtype=config.mu_dtype,
+  )
   rank = config.rank or max(1, model_config.hidden // 4)
   stacked = fira_jax.FiraDimensionNumbers(1, 2) if model_config.scan_layers else None
   matrices = fira_jax.dimension_numbers_for_paths(MATRIX_PATTERN, stacked)

@@ -29,9 +29,12 @@ def main(argv=None) -> dict:
     help="where checkpoints, metrics.jsonl and loss.png go (default: runs/pretrain)",
   )
   parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --workdir")
-  cli.add_config_flags(parser, train.Config)
+  cli.add_config_flags(parser, train.Config, choices=train.FLAG_CHOICES)
   args = parser.parse_args(argv)
   config = cli.config_from_args(train.Config, args)
+  problems = train.check_config(config)
+  if problems:
+    parser.error("; ".join(problems))
   cli.prepare_workdir(args.workdir, config.resume, args.overwrite)
   try:
     summary = train.train_and_evaluate(config, args.workdir)

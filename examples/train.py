@@ -41,6 +41,7 @@ class Config:
   b2: float = 0.999
   eps: float = 1e-6
   weight_decay: float = 0.0
+  mu_dtype: str | None = None  # Adam's first-moment dtype, e.g. bfloat16 (default: the params')
   rank: int = 0  # Fira/GaLore rank; 0 means hidden / 4 (the paper up to 350M)
   update_proj_gap: int = 200  # steps between projector refreshes
   scale: float = 0.25  # Fira/GaLore alpha
@@ -70,6 +71,51 @@ class Config:
   stop_after: int | None = None  # stop (as if interrupted) after this many steps
   progress: bool = True  # show a progress bar
   plot: bool = True  # write loss.png
+
+
+FLAG_CHOICES = {
+  "model": sorted(model_lib.CONFIGS),
+  "optimizer": optim.OPTIMIZERS,
+  "scaling": ("column", "matrix"),
+  "formulation": ("reference", "paper"),
+  "compressed_side": ("smaller", "larger", "reduction", "output"),
+  "domain": ("pretrain", "finetune"),
+  "mu_dtype": (None, "float32", "bfloat16", "float16"),
+}
+
+
+def check_config(config: Config) -> list[str]:
+  """What is wrong with a config's numbers, one message per flag."""
+  problems = []
+  positive = (
+    "lr",
+    "batch_size",
+    "seq_len",
+    "steps",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "checkpoint_every",
+    "update_proj_gap",
+    "scale",
+  )
+  for name in positive:
+    if getattr(config, name) <= 0:
+      problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+  for name in ("rank", "lora_rank"):
+    if getattr(config, name) < 0:
+      problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+  if not 0 <= config.warmup < 1:
+    problems.append(f"--warmup must be in [0, 1), got {config.warmup}")
+  if not 0 <= config.min_lr_ratio <= 1:
+    problems.append(f"--min-lr-ratio must be in [0, 1], got {config.min_lr_ratio}")
+  if config.norm_growth_limit is not None and config.norm_growth_limit < 1:
+    problems.append(f"--norm-growth-limit must be >= 1 (or none), got {config.norm_growth_limit}")
+  if config.embed_lr is not None and config.optimizer != "adamw":
+    problems.append("--embed-lr is for --optimizer adamw only")
+  if config.stop_after is not None and config.stop_after <= 0:
+    problems.append(f"--stop-after must be positive, got {config.stop_after}")
+  return problems
 
 
 def model_config_for(config: Config, vocab_size: int) -> model_lib.LlamaConfig:
