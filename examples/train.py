@@ -191,7 +191,7 @@ def evaluate(eval_step, model, batches) -> float:
   return float(np.mean(losses))
 
 
-def checkpoint_manager(workdir: pathlib.Path, config: Config) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: pathlib.Path) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
   return ocp.CheckpointManager(workdir.resolve() / "checkpoints", options=options)
 
@@ -303,12 +303,13 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
       " refuses to save; pass --no-checkpoints (or use --optimizer galore)."
     )
   meta = run_metadata(config, model_config, corpus.tokenizer)
-  manager = checkpoint_manager(workdir, config)
+  manager = checkpoint_manager(workdir)
   start_step = 0
+  if config.resume and manager.latest_step() is None:
+    print(f"--resume: no checkpoint in {workdir} yet; starting from step 0")
   if config.resume and manager.latest_step() is not None:
     step = manager.latest_step()
-    saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    check_compatible(saved, meta, workdir)
+    check_compatible(read_checkpoint_meta(workdir), meta, workdir)
     abstract = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
     restored = manager.restore(
