@@ -12,7 +12,8 @@ The protocol:
 3. GaLore twice: ``fira_jax.galore_adamw`` (the reference's projection side) and
    ``optax.contrib.galore`` (the larger side compressed);
 4. each optimizer at its best lr on more seeds, reported as mean and spread;
-5. a rank sweep (hidden/16, hidden/8, hidden/4) for Fira and GaLore at their best lr.
+5. a rank sweep (hidden/16, hidden/8, hidden/4) for Fira and GaLore at their best lr
+   (seed 0; ``--rank-sweep-seeds`` for more).
 
 Runs are recorded one per line in ``results.jsonl`` as they finish; an interrupted comparison
 continues where it stopped (``--max-runs`` runs a few at a time). Writes ``compare.md`` (the
@@ -117,7 +118,9 @@ class Plan:
     for kind in ("fira", "galore"):
       if best[kind] is not None:
         final += [
-          dataclasses.replace(best[kind], rank=r, seed=s) for r in self.ranks for s in self.seeds
+          dataclasses.replace(best[kind], rank=r, seed=s)
+          for r in self.ranks
+          for s in self.seeds[: self.args.rank_sweep_seeds]
         ]
     yield final
 
@@ -304,6 +307,9 @@ def main(argv=None) -> str:
   parser.add_argument("--eval-every", type=int, default=100)
   parser.add_argument("--eval-batches", type=int, default=16)
   parser.add_argument("--seeds", type=int, default=2, help="seeds at each best lr (>= 1)")
+  parser.add_argument(
+    "--rank-sweep-seeds", type=int, default=1, help="seeds per rank in the rank sweep"
+  )
   parser.add_argument("--data", default=None, help="your own text instead of the stdlib sources")
   parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
   parser.add_argument("--smoke", action="store_true", help="one lr per optimizer (for tests)")
