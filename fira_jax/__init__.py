@@ -14,6 +14,7 @@ from fira_jax.fira import scale_by_fira
 from fira_jax.limiter import ClipByNormGrowthState
 from fira_jax.limiter import clip_by_norm_growth
 from fira_jax.limiter import limit_norm_growth
+from fira_jax.limiter import norm_growth_divisor
 from fira_jax.projection import FiraDimensionNumbers
 from fira_jax.projection import MatrixLayout
 from fira_jax.projection import canonical_signs
@@ -21,6 +22,8 @@ from fira_jax.projection import dimension_numbers_for_paths
 from fira_jax.projection import matrix_layout
 from fira_jax.projection import project
 from fira_jax.projection import project_back
+from fira_jax.projection import random_projector
+from fira_jax.projection import randomized_svd_projector
 from fira_jax.projection import svd_projector
 from fira_jax.scaling import norm_based_scaling_factor
 
@@ -44,8 +47,11 @@ __all__ = (
   "limit_norm_growth",
   "matrix_layout",
   "norm_based_scaling_factor",
+  "norm_growth_divisor",
   "project",
   "project_back",
+  "random_projector",
+  "randomized_svd_projector",
   "scale_by_adam_step_size",
   "scale_by_fira",
   "scale_by_uncorrected_adam",

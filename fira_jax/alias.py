@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from fira_jax import fira
-from fira_jax import projection
+from fira_jax import projection as projection_lib
 from fira_jax import scaling as scaling_lib
 
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
@@ -70,10 +70,13 @@ def fira_adamw(
   *,
   mu_dtype: jax.typing.DTypeLike | None = None,
   norm_growth_limit: jax.typing.ArrayLike | None = 1.01,
-  weight_dimension_numbers: projection.DimensionNumbersOrFn = None,
-  compressed_side: projection.CompressedSide = "smaller",
+  weight_dimension_numbers: projection_lib.DimensionNumbersOrFn = None,
+  compressed_side: projection_lib.CompressedSide = "smaller",
   scaling: scaling_lib.Scaling = "column",
   formulation: fira.Formulation = "reference",
+  projection: projection_lib.Projection = "svd",
+  projection_seed: int = 0,
+  staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
   r"""Fira with AdamW: low-rank Adam state, full-rank updates.
 
@@ -112,6 +115,11 @@ def fira_adamw(
       :func:`scale_by_fira`.
     scaling: ``"column"`` or ``"matrix"`` norm-based scaling.
     formulation: ``"reference"`` or ``"paper"``; see :func:`scale_by_fira`.
+    projection: ``"svd"`` (the reference), ``"randomized_svd"`` or
+      ``"random"`` (no projector stored); see :func:`scale_by_fira`.
+    projection_seed: seed of the randomized and random bases.
+    staggered_refresh: spread projector refreshes evenly over the gap instead
+      of refreshing every matrix on the same step; see :func:`scale_by_fira`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -147,6 +155,9 @@ def fira_adamw(
       compressed_side=compressed_side,
       scaling=scaling,
       formulation=formulation,
+      projection=projection,
+      projection_seed=projection_seed,
+      staggered_refresh=staggered_refresh,
     ),
     optax.scale_by_learning_rate(learning_rate),
     add_decayed_weights_after_step(learning_rate, weight_decay, mask),
@@ -165,8 +176,11 @@ def galore_adamw(
   mask: MaskOrFn = None,
   *,
   mu_dtype: jax.typing.DTypeLike | None = None,
-  weight_dimension_numbers: projection.DimensionNumbersOrFn = None,
-  compressed_side: projection.CompressedSide = "smaller",
+  weight_dimension_numbers: projection_lib.DimensionNumbersOrFn = None,
+  compressed_side: projection_lib.CompressedSide = "smaller",
+  projection: projection_lib.Projection = "svd",
+  projection_seed: int = 0,
+  staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
   r"""GaLore with AdamW: :func:`fira_adamw` with the residual path off.
 
@@ -201,6 +215,9 @@ def galore_adamw(
       weight_dimension_numbers=weight_dimension_numbers,
       compressed_side=compressed_side,
       residual=False,
+      projection=projection,
+      projection_seed=projection_seed,
+      staggered_refresh=staggered_refresh,
     ),
     optax.scale_by_learning_rate(learning_rate),
     add_decayed_weights_after_step(learning_rate, weight_decay, mask),

@@ -28,7 +28,8 @@ import optax
 
 from fira_jax import adam
 from fira_jax import limiter
-from fira_jax import projection
+from fira_jax import projection as projection_lib
+from fira_jax import refresh
 from fira_jax import scaling as scaling_lib
 
 Formulation = Literal["reference", "paper"]
@@ -82,11 +83,14 @@ def scale_by_fira(
   eps: jax.typing.ArrayLike | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   norm_growth_limit: jax.typing.ArrayLike | None = 1.01,
-  weight_dimension_numbers: projection.DimensionNumbersOrFn = None,
-  compressed_side: projection.CompressedSide = "smaller",
+  weight_dimension_numbers: projection_lib.DimensionNumbersOrFn = None,
+  compressed_side: projection_lib.CompressedSide = "smaller",
   scaling: scaling_lib.Scaling = "column",
   formulation: Formulation = "reference",
   residual: bool = True,
+  projection: projection_lib.Projection = "svd",
+  projection_seed: int = 0,
+  staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
   r"""Fira's learning-rate-free update: subspace optimizer plus scaled residual.
 
@@ -136,6 +140,25 @@ def scale_by_fira(
       or ``"paper"`` (Algorithm 1: residual ``(I − P Pᵀ) G``, ``α`` on both
       terms).
     residual: False turns Fira's residual path off, which leaves GaLore.
+    projection: the basis (static). ``"svd"``: the top-``rank`` singular
+      vectors, exact (the reference). ``"randomized_svd"``: the same from a
+      randomized range finder (:func:`randomized_svd_projector`, oversampling
+      16, 2 power iterations), several times cheaper on large matrices.
+      ``"random"``: a seeded Gaussian basis with ``E[PᵀP] = I``
+      (:func:`random_projector`), regenerated from its key on every step
+      instead of stored: no projector in the state, no SVD, but the basis
+      ignores the gradient, and generating it costs time on every step.
+    projection_seed: the seed of the randomized and random bases (an int, or
+      an integer array under ``optax.inject_hyperparams``);
+      matrix ``j``'s ``k``-th basis uses
+      ``fold_in(fold_in(key(projection_seed), j), k)`` (see
+      :mod:`fira_jax.refresh`).
+    staggered_refresh: False (the reference): every projector is refreshed on
+      steps 0, T, 2T, …, and those steps stall. True: all projectors are
+      computed on step 0, then matrix ``j`` of ``M`` is refreshed on the steps
+      ``t ≡ ⌊j T / M⌋ (mod T)``, still once per gap, so the refresh work is
+      spread evenly across steps. Trajectories differ from the reference's
+      (each matrix's basis is up to ``T`` steps older or newer).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`FiraState`.
@@ -152,7 +175,20 @@ def scale_by_fira(
     (4, 2)
 
   .. note::
-    The SVD runs under ``lax.cond``: only refresh steps pay for it.
+    The SVD runs under ``lax.cond`` with an unbatched predicate: only refresh
+    steps pay for it, stacked leaves included. With ``staggered_refresh``,
+    each leaf has its own ``lax.cond`` and only the due slices are computed.
+
+  .. note::
+    The residual ``S`` is never formed: since ``φ`` scales whole columns of
+    the kept side, ``φ ⊙ (P R) = P (φ ⊙ R)``, so the update is
+    ``(φ / λ) ⊙ G + P (α N − (α / λ) φ ⊙ R)`` and
+    ``‖S‖² = ‖φ⊙G‖² − 2α‖φ⊙R‖² + α² tr((φ⊙R)ᵀ PᵀP (φ⊙R))``: two matrix
+    products per matrix, as GaLore. ``PᵀP`` is taken as ``I`` for float32 SVD
+    bases and computed for the others. The norm is a difference of squares:
+    when ``‖S‖`` is below about ``10⁻³ ‖φ⊙G‖`` (α near 1 and a gradient
+    almost inside the subspace) its float32 rounding error is a few percent,
+    which only changes the limiter's ``λ`` for that tiny residual.
 
   .. warning::
     With ``optax.inject_hyperparams``, pass
@@ -168,9 +204,12 @@ def scale_by_fira(
   check_positive_int("rank", rank)
   check_positive_int("update_proj_gap", update_proj_gap)
   check_number("scale", scale, 0.0, False, "positive")
-  check_choice("compressed_side", compressed_side, projection.COMPRESSED_SIDES)
+  check_choice("compressed_side", compressed_side, projection_lib.COMPRESSED_SIDES)
   check_choice("scaling", scaling, scaling_lib.SCALINGS)
   check_choice("formulation", formulation, FORMULATIONS)
+  check_choice("projection", projection, projection_lib.PROJECTIONS)
+  if isinstance(projection_seed, (bool, float)):
+    raise TypeError(f"projection_seed must be an int, got {projection_seed!r}.")
   if norm_growth_limit is not None:
     check_number("norm_growth_limit", norm_growth_limit, 1.0, True, ">= 1 (or None)")
   if base_optimizer is None:
@@ -192,7 +231,9 @@ def scale_by_fira(
   use_limiter = residual and norm_growth_limit is not None
 
   def layouts_of(tree):
-    return projection.layouts_for(tree, weight_dimension_numbers, rank, compressed_side)
+    return projection_lib.layouts_for(tree, weight_dimension_numbers, rank, compressed_side)
+
+  stores_projector = projection != "random"
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
@@ -201,10 +242,16 @@ def scale_by_fira(
       x if layout is None else jnp.zeros(layout.low_rank_shape, jnp.asarray(x).dtype)
       for x, layout in zip(leaves, layouts, strict=True)
     ]
-    projectors = projection.masked_like(
-      leaves, layouts, lambda x, lay: jnp.zeros(lay.projector_shape, jnp.asarray(x).dtype)
+    projectors = projection_lib.masked_like(
+      leaves,
+      layouts,
+      lambda x, lay: (
+        jnp.zeros(lay.projector_shape, jnp.asarray(x).dtype)
+        if stores_projector
+        else optax.MaskedNode()
+      ),
     )
-    norms = projection.masked_like(
+    norms = projection_lib.masked_like(
       leaves,
       layouts,
       lambda x, lay: jnp.zeros(lay.batch_shape, jnp.float32) if use_limiter else optax.MaskedNode(),
@@ -216,6 +263,21 @@ def scale_by_fira(
       residual_norm=treedef.unflatten(norms),
     )
 
+  def basis(matrices, layout, matrix_ids, refresh_ids):
+    """The basis of ``(n, reduction, output)`` matrices with global ids ``matrix_ids``."""
+    if projection == "svd":
+      return projection_lib.svd_projector(matrices, layout.rank, layout.compressed_axis)
+    keys = refresh.projection_keys(projection_seed, matrix_ids, refresh_ids)
+    if projection == "randomized_svd":
+      return projection_lib.randomized_svd_projector(
+        matrices, layout.rank, layout.compressed_axis, keys
+      )
+    return jax.vmap(
+      lambda k: projection_lib.random_projector(
+        k, layout.compressed_size, layout.rank, matrices.dtype
+      )
+    )(keys)
+
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
@@ -224,23 +286,53 @@ def scale_by_fira(
     stored_projectors = treedef.flatten_up_to(state.projector)
     stored_norms = treedef.flatten_up_to(state.residual_norm)
     matrices = {i: layouts[i].to_matrices(leaves[i]) for i in projected}
+    schedule = refresh.schedule_for(layouts, update_proj_gap, staggered_refresh)
+    count = state.count
 
-    # Refresh every projector on steps 0, T, 2T, ... (one cond for the tree).
-    def refreshed():
-      return [
-        projection.svd_projector(matrices[i], layouts[i].rank, layouts[i].compressed_axis)
+    if projection == "random":
+      # Nothing stored: every step regenerates each basis from its key.
+      new_projectors = {
+        i: basis(
+          matrices[i],
+          layouts[i],
+          schedule.matrix_ids[i],
+          schedule.refresh_index(count, i),
+        )
         for i in projected
-      ]
+      }
+    elif not staggered_refresh:
+      # Refresh every projector on steps 0, T, 2T, ... (one cond for the tree,
+      # with an unbatched predicate, so the SVDs run only on those steps).
+      def refreshed():
+        return [
+          basis(matrices[i], layouts[i], schedule.matrix_ids[i], schedule.refresh_index(count, i))
+          for i in projected
+        ]
 
-    def kept():
-      return [layouts[i].to_batched(stored_projectors[i]) for i in projected]
+      def kept():
+        return [layouts[i].to_batched(stored_projectors[i]) for i in projected]
 
-    new_projectors = dict(
-      zip(projected, jax.lax.cond(state.count % update_proj_gap == 0, refreshed, kept), strict=True)
-    )
+      new_projectors = dict(
+        zip(projected, jax.lax.cond(count % update_proj_gap == 0, refreshed, kept), strict=True)
+      )
+    else:
+      new_projectors = {
+        i: refresh.refresh_due_slices(
+          matrices[i],
+          layouts[i].to_batched(stored_projectors[i]),
+          schedule.is_due(count, i),
+          lambda x, b, i=i: basis(
+            x,
+            layouts[i],
+            jnp.asarray(schedule.matrix_ids[i])[b][None],
+            schedule.refresh_index(count, i)[b][None],
+          ),
+        )
+        for i in projected
+      }
 
     low_rank = {
-      i: projection.project(matrices[i], new_projectors[i], layouts[i].compressed_axis)
+      i: projection_lib.project(matrices[i], new_projectors[i], layouts[i].compressed_axis)
       for i in projected
     }
     base_inputs = [
@@ -251,31 +343,51 @@ def scale_by_fira(
     )
     base_outputs = treedef.flatten_up_to(base_outputs)
 
-    is_first_step = state.count == 0
+    is_first_step = count == 0
     new_leaves = list(base_outputs)
     new_norms = list(stored_norms)
     for i in projected:
       layout, p, r, x = layouts[i], new_projectors[i], low_rank[i], matrices[i]
+      axis = layout.compressed_axis
       n = layout.to_batched(base_outputs[i])
-      update = projection.project_back(n, p, layout.compressed_axis)
-      if residual:
-        phi = scaling_lib.norm_based_scaling_factor(
-          n, r, projection.rank_axis(layout.compressed_axis), scaling
-        )
-        in_subspace = projection.project_back(r, p, layout.compressed_axis)
-        alpha = scale if formulation == "reference" else 1.0
-        s = (phi * (x - alpha * in_subspace)).astype(x.dtype)
+      if not residual:
+        update = projection_lib.project_back(scale * n, p, axis)
+      else:
+        phi = scaling_lib.norm_based_scaling_factor(n, r, projection_lib.rank_axis(axis), scaling)
+        phi_r = phi * r.astype(jnp.float32)
+        # S = φ ⊙ (X − a P R) with a = α (reference) or 1 (paper). φ scales whole
+        # columns of the kept side, which P does not mix, so φ ⊙ (P R) = P (φ ⊙ R):
+        #   ‖S‖² = ‖φ⊙X‖² − 2a ⟨φ⊙X, P(φ⊙R)⟩ + a² ‖P(φ⊙R)‖²
+        #        = ‖φ⊙X‖² − 2a ‖φ⊙R‖²        + a² tr((φ⊙R)ᵀ PᵀP (φ⊙R)),
+        # since Pᵀ(φ⊙X) = φ⊙R by definition of R (any P), and
+        #   update = α P N + c S / λ = (c φ / λ) ⊙ X + P (α N − (α / λ) φ⊙R),
+        # with c = 1 (reference) or α (paper), for which c·a = α in both. Two
+        # matrix products in all (R and one back-projection): no third one for P R.
+        a = scale if formulation == "reference" else 1.0
+        c = 1.0 if formulation == "reference" else scale
+        x_sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis + 1, keepdims=True)
+        phi_x_sq = jnp.sum(jnp.square(phi) * x_sq, axis=(1, 2))
+        phi_r_sq = jnp.sum(jnp.square(phi_r), axis=(1, 2))
+        if projection == "random" or p.dtype != jnp.float32:
+          gram = jnp.einsum("bkr,bks->brs", p, p, preferred_element_type=jnp.float32)
+          applied = gram @ phi_r if axis == 0 else phi_r @ gram
+          quad = jnp.sum(applied * phi_r, axis=(1, 2))
+        else:  # a float32 SVD basis is orthonormal to working precision: PᵀP = I
+          quad = phi_r_sq
+        s_sq = jnp.maximum(phi_x_sq - 2 * a * phi_r_sq + a * a * quad, 0.0)  # ≥ 0 up to rounding
         if use_limiter:
-          s, norm = limiter.limit_norm_growth(
-            s, jnp.reshape(stored_norms[i], (-1,)), norm_growth_limit, is_first_step
+          divisor, norm = limiter.norm_growth_divisor(
+            jnp.sqrt(s_sq), jnp.reshape(stored_norms[i], (-1,)), norm_growth_limit, is_first_step
           )
           new_norms[i] = jnp.reshape(norm, layout.batch_shape)
-        update = scale * update + s if formulation == "reference" else scale * (update + s)
-      else:
-        update = scale * update
+          divisor = divisor[:, None, None]
+        else:
+          divisor = 1.0
+        low = (scale * n.astype(jnp.float32) - (scale / divisor) * phi_r).astype(n.dtype)
+        update = (c * phi / divisor) * x + projection_lib.project_back(low, p, axis)
       new_leaves[i] = layout.from_matrices(update.astype(x.dtype))
 
-    count = optax.safe_int32_increment(state.count)
+    count = optax.safe_int32_increment(count)
     if correct_step_size:
       step_size = adam.adam_step_size(count, b1, b2)
       new_leaves = [(step_size * u).astype(u.dtype) for u in new_leaves]
@@ -285,7 +397,7 @@ def scale_by_fira(
       projector=treedef.unflatten(
         [
           layouts[i].from_batched(new_projectors[i])
-          if i in new_projectors
+          if i in new_projectors and stores_projector
           else stored_projectors[i]
           for i in range(len(leaves))
         ]

@@ -25,6 +25,37 @@ from fira_jax import projection
 LIMITER_EPS = 1e-8  # the reference's constant, added to the previous norm
 
 
+def norm_growth_divisor(
+  norm: jax.Array,
+  previous_norm: jax.Array,
+  growth_limit: jax.typing.ArrayLike,
+  is_first_step: jax.typing.ArrayLike,
+) -> tuple[jax.Array, jax.Array]:
+  """``λ`` and the norm to record, given ``‖x‖`` rather than ``x``.
+
+  Fira's update never forms the residual ``S`` (see :func:`fira_jax.scale_by_fira`),
+  only its norm, so the limiter is split into this factor and the division.
+
+  Args:
+    norm: float32 norms ``‖x_b‖`` of a batch of matrices, shape ``(B,)``.
+    previous_norm: ``(B,)`` float32, each matrix's norm after limiting on the
+      previous step.
+    growth_limit: ``γ ≥ 1``, the largest allowed ratio of consecutive norms.
+    is_first_step: a boolean scalar; on the first step nothing is limited.
+
+  Returns:
+    ``(λ, ‖x‖ / λ)``, both ``(B,)`` float32. A non-finite norm is not recorded
+    (the previous one is kept), so one bad gradient cannot poison the limiter
+    for good.
+  """
+  ratio = norm / (previous_norm + LIMITER_EPS)
+  divisor = jnp.maximum(ratio, growth_limit) / growth_limit
+  divisor = jnp.where(is_first_step, jnp.ones_like(divisor), divisor)
+  new_norm = norm / divisor
+  new_norm = jnp.where(jnp.isfinite(new_norm), new_norm, previous_norm)
+  return divisor, new_norm
+
+
 def limit_norm_growth(
   x: jax.Array,
   previous_norm: jax.Array,
@@ -41,17 +72,11 @@ def limit_norm_growth(
     is_first_step: a boolean scalar; on the first step nothing is limited.
 
   Returns:
-    ``(x / λ, ‖x‖ / λ)``. A non-finite norm is not recorded (the previous one
-    is kept), so one bad gradient cannot poison the limiter for good.
+    ``(x / λ, ‖x‖ / λ)``; see :func:`norm_growth_divisor`.
   """
   norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2)))
-  ratio = norm / (previous_norm + LIMITER_EPS)
-  limiter = jnp.maximum(ratio, growth_limit) / growth_limit
-  limiter = jnp.where(is_first_step, jnp.ones_like(limiter), limiter)
-  new_norm = norm / limiter
-  new_norm = jnp.where(jnp.isfinite(new_norm), new_norm, previous_norm)
-  limited = x / limiter[:, None, None].astype(x.dtype)
-  return limited, new_norm
+  divisor, new_norm = norm_growth_divisor(norm, previous_norm, growth_limit, is_first_step)
+  return x / divisor[:, None, None].astype(x.dtype), new_norm
 
 
 class ClipByNormGrowthState(NamedTuple):

@@ -2,14 +2,17 @@
 
 Every projected leaf is viewed as a batch of matrices ``X`` of shape
 ``(reduction, output)`` (Flax's ``(in, out)`` kernel layout). One side of each
-matrix is compressed to ``r`` dimensions by a projector ``P`` with orthonormal
-columns:
+matrix is compressed to ``r`` dimensions by a projector ``P`` (orthonormal
+columns for the SVD bases, ``E[PᵀP] = I`` for the random one):
 
 * compressed reduction side (``axis == 0``): ``R = Pᵀ X``, ``back(N) = P N``;
 * compressed output side (``axis == 1``):    ``R = X P``,  ``back(N) = N Pᵀ``.
 
 The reference (``fira`` 1.0.2, on torch ``(out, in)`` weights) compresses the
 smaller side and, for square matrices, the input (reduction) side.
+
+Three bases: the exact SVD (the reference's), a randomized SVD (Halko, Martinsson
+and Tropp, 2011) and a seeded Gaussian basis (as APOLLO uses; Zhu et al., 2024).
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ import optax
 
 CompressedSide = Literal["smaller", "larger", "reduction", "output"]
 COMPRESSED_SIDES = ("smaller", "larger", "reduction", "output")
+Projection = Literal["svd", "randomized_svd", "random"]
+PROJECTIONS = ("svd", "randomized_svd", "random")
+OVERSAMPLING = 16  # randomized SVD: extra range-finder columns beyond the rank
+POWER_ITERATIONS = 2  # randomized SVD: subspace iterations, each QR-stabilised
 
 
 class FiraDimensionNumbers(NamedTuple):
@@ -322,3 +329,81 @@ def masked_like(tree_leaves: list[Any], layouts: list[MatrixLayout | None], fn) 
     optax.MaskedNode() if layout is None else fn(leaf, layout)
     for leaf, layout in zip(tree_leaves, layouts, strict=True)
   ]
+
+
+def random_projector(key: jax.Array, compressed_size: int, rank: int, dtype) -> jax.Array:
+  """A Gaussian ``(compressed_size, rank)`` basis with ``E[PᵀP] = I``.
+
+  Entries are i.i.d. ``N(0, 1 / compressed_size)``, so each column has unit
+  expected squared norm and distinct columns are uncorrelated: ``P Pᵀ X`` is an
+  unbiased sketch of ``X`` scaled by ``rank / compressed_size``. The basis is
+  not orthonormal; :func:`fira_jax.scale_by_fira` accounts for ``PᵀP`` where
+  it matters (the residual's norm). The same key gives the same basis, so the
+  optimizer regenerates it instead of storing it.
+  """
+  scale = 1.0 / math.sqrt(compressed_size)
+  return (scale * jax.random.normal(key, (compressed_size, rank), jnp.float32)).astype(dtype)
+
+
+def randomized_svd_projector(
+  matrices: jax.Array,
+  rank: int,
+  compressed_axis: int,
+  keys: jax.Array,
+  oversampling: int = OVERSAMPLING,
+  power_iterations: int = POWER_ITERATIONS,
+) -> jax.Array:
+  r"""Approximate top-``rank`` singular vectors of a ``(B, reduction, output)`` batch.
+
+  With ``A`` the matrix oriented so its rows are the compressed side
+  (``A = X`` or ``Xᵀ``), ``ℓ = rank + oversampling`` and a Gaussian ``Ω``:
+
+  .. math::
+    Y = A Ω, \quad
+    Y ← A\, \mathrm{qr}(A^\top \mathrm{qr}(Y)) \ (\text{power\_iterations times}), \quad
+    Y = Ũ Σ Ṽ^\top, \quad P = Ũ_{:, :r}
+
+  ``Y = A Z`` with ``Z`` an orthonormal basis of (approximately) ``A``'s top
+  right singular subspace, so ``A ≈ Y Zᵀ`` and ``Y``'s left singular vectors
+  are ``A``'s; the last SVD is of a thin ``compressed × ℓ`` matrix. Each power
+  iteration sharpens the spectrum by ``σ²``; the QRs between products keep the
+  columns from collapsing onto the top singular vector in float32. Cost:
+  ``1 + 2q`` products of ``A`` with ``ℓ`` columns and thin QRs/SVD, against a
+  full SVD's ``O(m n min(m, n))`` with a large constant.
+
+  Args:
+    matrices: ``(B, reduction, output)``; the basis is computed in float32.
+    rank: the number of vectors kept.
+    compressed_axis: 0 (reduction side) or 1 (output side).
+    keys: ``(B,)`` PRNG keys, one per matrix, for ``Ω``.
+    oversampling: ``p``, extra columns of ``Ω`` (default 16). The error beyond
+      the best rank-``r`` approximation falls like ``σ_{r+p}`` with ``p``.
+    power_iterations: ``q ≥ 1`` (default 2), passes of ``Aᵀ`` then ``A``; the
+      last one also makes ``Y = A Z`` with ``Z`` orthonormal, which the final
+      SVD needs. More are needed for gradients, whose singular
+      values decay slowly (one iteration captured about 98.9% of the exact
+      basis's energy on LLaMA-1B MLP shapes, two 99.6%).
+
+  Returns:
+    ``(B, compressed, rank)`` with orthonormal columns, canonical signs, in the
+    gradient's dtype.
+
+  References:
+    Halko, Martinsson and Tropp, `Finding Structure with Randomness
+    <https://arxiv.org/abs/0909.4061>`_, 2011
+  """
+
+  if power_iterations < 1:
+    # Y = A Ω's left singular vectors are not A's: Ω is not orthonormal.
+    raise ValueError(f"power_iterations must be >= 1, got {power_iterations}.")
+
+  def one(x, key):
+    a = x if compressed_axis == 0 else x.T  # (compressed, other)
+    width = min(rank + oversampling, *a.shape)
+    y = a @ jax.random.normal(key, (a.shape[1], width), jnp.float32)
+    for _ in range(power_iterations):
+      y = a @ jnp.linalg.qr(a.T @ jnp.linalg.qr(y)[0])[0]
+    return jnp.linalg.svd(y, full_matrices=False)[0][:, :rank]
+
+  basis = jax.vmap(one)(matrices.astype(jnp.float32), keys)
+  return canonical_signs(basis).astype(matrices.dtype)

@@ -13,6 +13,7 @@ import pytest
 
 import fira_jax
 from fira_jax import FiraDimensionNumbers
+from fira_jax import projection
 
 
 def random_grads(params, step, scale=1.0):
@@ -172,6 +173,85 @@ class ScaleByFiraTest(chex.TestCase):
           expected = step * alpha * (p @ n + phi * (g - p @ p.T @ g))
         np.testing.assert_allclose(u["w"], expected, rtol=2e-5, atol=1e-6)
 
+  def test_residual_with_a_non_orthonormal_basis_matches_the_explicit_algorithm(self):
+    # A random basis is not orthonormal: the norm of S for the limiter needs PᵀP.
+    from fira_jax import refresh
+
+    alpha, gamma = 0.25, 1.01
+    limited = []
+    for shape in ((4, 7), (7, 4)):
+      for formulation in ("reference", "paper"):
+        for scaling in ("column", "matrix"):
+          tx = fira_jax.scale_by_fira(
+            rank=2,
+            scale=alpha,
+            formulation=formulation,
+            scaling=scaling,
+            projection="random",
+            norm_growth_limit=gamma,
+          )
+          state = tx.init({"w": jnp.zeros(shape)})
+          key = refresh.projection_keys(0, jnp.array([0]), jnp.array([0]))[0]
+          p = np.asarray(projection.random_projector(key, min(shape), 2, jnp.float32))
+          left = shape[0] < shape[1]  # compressed reduction side: R = Pᵀ G
+          m = v = 0.0
+          previous = None
+          for t, growth in enumerate((1.0, 3.0)):  # step 2 grows: the limiter acts
+            g = growth * np.asarray(jax.random.normal(jax.random.key(t), shape))
+            u, state = tx.update({"w": jnp.asarray(g)}, state)
+            r = p.T @ g if left else g @ p
+            m, v = 0.9 * m + 0.1 * r, 0.999 * v + 0.001 * r**2
+            n = m / (np.sqrt(v) + 1e-6)
+            axis = 0 if left else 1
+            if scaling == "column":
+              phi = np.linalg.norm(n, axis=axis, keepdims=True) / (
+                np.linalg.norm(r, axis=axis, keepdims=True) + 1e-8
+              )
+            else:
+              phi = np.linalg.norm(n) / (np.linalg.norm(r) + 1e-8)
+            back = lambda z, p=p, left=left: p @ z if left else z @ p.T
+            a = alpha if formulation == "reference" else 1.0
+            residual = phi * (g - a * back(r))
+            norm = np.linalg.norm(residual)
+            lam = 1.0 if previous is None else max(norm / (previous + 1e-8), gamma) / gamma
+            residual, previous = residual / lam, norm / lam
+            step = np.sqrt(1 - 0.999 ** (t + 1)) / (1 - 0.9 ** (t + 1))
+            if formulation == "reference":
+              expected = step * (alpha * back(n) + residual)
+            else:
+              expected = step * alpha * (back(n) + residual)
+            np.testing.assert_allclose(u["w"], expected, rtol=5e-5, atol=1e-6)
+            np.testing.assert_allclose(state.residual_norm["w"], previous, rtol=1e-5)
+            limited.append(lam)
+    assert max(limited) > 1.05  # the limiter acted somewhere
+
+  def test_random_basis_state_holds_no_projector(self):
+    tx = fira_jax.scale_by_fira(rank=3, projection="random")
+    state = tx.init(PARAMS)
+    assert all(
+      p == optax.MaskedNode()
+      for p in jax.tree.leaves(state.projector, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    )
+    chex.assert_shape(state.base_optimizer_state.mu["tall"], (12, 3))
+    chex.assert_shape(state.residual_norm["wide"], ())
+    u, _ = jax.jit(tx.update)(random_grads(PARAMS, 0), state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(u, PARAMS)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bfloat16_updates_stay_close_to_float32(self):
+    params32 = {"w": jnp.zeros((16, 24))}
+    params16 = {"w": jnp.zeros((16, 24), jnp.bfloat16)}
+    for kind in ("svd", "random"):
+      tx = fira_jax.scale_by_fira(rank=4, scale=0.25, projection=kind)
+      g = random_grads(params32, 0)
+      u32, _ = self.variant(tx.update)(g, tx.init(params32))
+      u16, _ = self.variant(tx.update)(
+        jax.tree.map(lambda x: x.astype(jnp.bfloat16), g), tx.init(params16)
+      )
+      assert u16["w"].dtype == jnp.bfloat16
+      error = jnp.linalg.norm(u16["w"].astype(jnp.float32) - u32["w"]) / jnp.linalg.norm(u32["w"])
+      assert float(error) < 0.05, kind
+
   def test_limiter_bounds_residual_growth_to_the_factor_given(self):
     scales = [1.0, 10.0, 100.0, 1.0, 1000.0, 1.0]
     _, states = run(
@@ -238,6 +318,8 @@ class ScaleByFiraTest(chex.TestCase):
     (dict(scaling="row"), ValueError, "scaling must be one of"),
     (dict(formulation="x"), ValueError, "formulation must be one of"),
     (dict(compressed_side="left"), ValueError, "compressed_side must be one of"),
+    (dict(projection="qr"), ValueError, "projection must be one of"),
+    (dict(projection_seed=1.5), TypeError, "projection_seed must be an int"),
   ],
 )
 def test_bad_arguments_name_the_argument(kwargs, error, message):

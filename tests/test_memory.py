@@ -78,3 +78,19 @@ def test_llama_1b_state_is_0389_of_adams():
   scalars = len(jax.tree.leaves(fira_state[0].residual_norm))
   ratio = (fira_elems + scalars) / adam_elems
   assert ratio == pytest.approx(0.389, abs=5e-4)  # the paper: a 61.1% saving at 1B
+
+
+def test_random_basis_state_is_the_svd_state_without_the_projectors():
+  hidden, ffn, layers, rank = LLAMA["60m"]
+  params = llama_params(hidden, ffn, layers)
+  kwargs = dict(rank=rank, weight_dimension_numbers=ATTN_MLP)
+  svd_elems, svd_state = state_elements(fira_jax.fira_adamw(0.01, **kwargs), params)
+  rnd_elems, rnd_state = state_elements(
+    fira_jax.fira_adamw(0.01, **kwargs, projection="random"), params
+  )
+  projector_elems = sum(math.prod(x.shape) for x in jax.tree.leaves(svd_state[0].projector))
+  assert projector_elems == layers * (4 * hidden * rank + 3 * hidden * rank)
+  assert rnd_elems == svd_elems - projector_elems
+  assert not jax.tree.leaves(rnd_state[0].projector)  # MaskedNodes only
+  chex_shapes = jax.tree.map(lambda x: x.shape, rnd_state[0].base_optimizer_state)
+  assert chex_shapes == jax.tree.map(lambda x: x.shape, svd_state[0].base_optimizer_state)

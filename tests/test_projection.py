@@ -133,3 +133,61 @@ def test_svd_projector_does_not_depend_on_the_input_sign():
 def test_svd_projector_keeps_the_gradient_dtype():
   x = jax.random.normal(jax.random.key(2), (2, 6, 4)).astype(jnp.bfloat16)
   assert projection.svd_projector(x, 2, 1).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("compressed_axis", [0, 1])
+def test_randomized_and_exact_bases_agree_on_a_matrix_of_exact_rank(compressed_axis):
+  key_u, key_v, key_o = jax.random.split(jax.random.key(3), 3)
+  u = jnp.linalg.qr(jax.random.normal(key_u, (2, 40, 4)))[0]
+  v = jnp.linalg.qr(jax.random.normal(key_v, (2, 30, 4)))[0]
+  x = jnp.einsum("bkr,r,bor->bko", u, jnp.array([9.0, 5.0, 2.0, 1.0]), v)  # rank 4
+  keys = jax.random.split(key_o, 2)
+  exact = projection.svd_projector(x, 4, compressed_axis)
+  approx = projection.randomized_svd_projector(x, 4, compressed_axis, keys, power_iterations=1)
+  # same vectors (distinct singular values, canonical signs), hence the same subspace
+  np.testing.assert_allclose(approx, exact, atol=1e-4)
+  np.testing.assert_allclose(
+    jnp.einsum("bkr,bsr->bks", approx, approx), jnp.einsum("bkr,bsr->bks", exact, exact), atol=1e-5
+  )
+
+
+def test_randomized_basis_captures_the_top_energy_of_a_decaying_spectrum():
+  key_u, key_v, key_o = jax.random.split(jax.random.key(4), 3)
+  u = jnp.linalg.qr(jax.random.normal(key_u, (200, 60)))[0]
+  v = jnp.linalg.qr(jax.random.normal(key_v, (150, 60)))[0]
+  x = ((u / (1.0 + jnp.arange(60.0))) @ v.T)[None]  # σ_i = 1 / i: slow decay
+  exact = projection.svd_projector(x, 10, 0)[0]
+  approx = projection.randomized_svd_projector(x, 10, 0, jax.random.split(key_o, 1))[0]
+  ratio = jnp.linalg.norm(approx.T @ x[0]) / jnp.linalg.norm(exact.T @ x[0])
+  assert 0.99 <= float(ratio) <= 1.0 + 1e-6
+  np.testing.assert_allclose(approx.T @ approx, jnp.eye(10), atol=1e-5)
+
+
+def test_randomized_basis_keeps_the_gradient_dtype_and_rank():
+  x = jax.random.normal(jax.random.key(5), (3, 16, 7)).astype(jnp.bfloat16)
+  keys = jax.random.split(jax.random.key(0), 3)
+  p = projection.randomized_svd_projector(x, 5, 1, keys)
+  assert p.shape == (3, 7, 5)
+  assert p.dtype == jnp.bfloat16
+
+
+def test_random_basis_has_identity_expected_gram():
+  keys = jax.random.split(jax.random.key(6), 2000)
+  grams = jax.vmap(lambda k: (p := projection.random_projector(k, 32, 4, jnp.float32)).T @ p)(keys)
+  np.testing.assert_allclose(grams.mean(0), jnp.eye(4), atol=0.02)
+  assert float(grams[:, 0, 0].std()) > 0.1  # each draw is not orthonormal, only on average
+
+
+def test_random_basis_is_a_function_of_its_key():
+  key = jax.random.key(9)
+  a = projection.random_projector(key, 12, 3, jnp.float32)
+  b = projection.random_projector(key, 12, 3, jnp.float32)
+  chex.assert_trees_all_equal(a, b)
+  c = projection.random_projector(jax.random.key(10), 12, 3, jnp.float32)
+  assert not np.allclose(a, c)
+
+
+def test_randomized_basis_rejects_zero_power_iterations():
+  x, keys = jnp.ones((1, 4, 4)), jax.random.split(jax.random.key(0), 1)
+  with pytest.raises(ValueError, match="power_iterations must be >= 1"):
+    projection.randomized_svd_projector(x, 2, 0, keys, power_iterations=0)

@@ -1,0 +1,104 @@
+"""When each projector is refreshed, and the keys of randomized and random bases.
+
+The reference refreshes every projector on steps ``0, T, 2T, …``: one step in
+``T`` pays for an SVD of every matrix, a stall of 20× a plain step on LLaMA
+shapes. A *staggered* schedule gives the ``j``-th of ``M`` projected matrices
+(counting the slices of stacked leaves, in flattening order) the offset
+
+.. math::
+  o_j = \\lfloor j T / M \\rfloor
+
+and refreshes it on step 0 and on every step ``t`` with ``t ≡ o_j (mod T)``:
+each matrix still gets one refresh per gap, but at most ``⌈M / T⌉`` matrices
+share a step. Its ``k``-th refresh (counting from 0) happens on step ``t`` with
+
+.. math::
+  k_j(t) = \\lfloor (t + (-o_j \\bmod T)) / T \\rfloor,
+
+which is ``⌊t / T⌋`` without staggering. Randomized and random bases draw from
+``fold_in(fold_in(key(seed), j), k_j(t))``: the same matrix and refresh always
+get the same basis, so a random basis need not be stored, and a stacked leaf
+draws exactly what the same layers as separate leaves would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fira_jax import projection
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshSchedule:
+  """Static per-matrix ids and offsets of the projected leaves of one tree."""
+
+  gap: int
+  matrix_ids: dict[int, np.ndarray]  # leaf index -> (B,) global matrix ids
+  offsets: dict[int, np.ndarray]  # leaf index -> (B,) offsets in [0, gap)
+
+  def is_due(self, count: jax.Array, leaf: int) -> jax.Array:
+    """``(B,)`` booleans: which slices of ``leaf`` refresh on step ``count``."""
+    return (count == 0) | (count % self.gap == jnp.asarray(self.offsets[leaf]))
+
+  def refresh_index(self, count: jax.Array, leaf: int) -> jax.Array:
+    """``(B,)`` int32: ``k_j(count)``, the index of each slice's latest refresh."""
+    shift = jnp.asarray((-self.offsets[leaf]) % self.gap, jnp.int32)
+    return (count + shift) // self.gap
+
+
+def schedule_for(
+  layouts: list[projection.MatrixLayout | None], gap: int, staggered: bool
+) -> RefreshSchedule:
+  """The schedule of the matrices of a tree's projected leaves (None: not projected)."""
+  sizes = {i: layout.num_matrices for i, layout in enumerate(layouts) if layout is not None}
+  total = sum(sizes.values())
+  ids, offsets, start = {}, {}, 0
+  for i, size in sizes.items():
+    ids[i] = np.arange(start, start + size, dtype=np.int32)
+    offsets[i] = ids[i] * gap // total if staggered else np.zeros(size, np.int32)
+    start += size
+  return RefreshSchedule(gap=gap, matrix_ids=ids, offsets=offsets)
+
+
+def projection_keys(seed: int, matrix_ids: jax.Array, refresh_ids: jax.Array) -> jax.Array:
+  """``(B,)`` keys ``fold_in(fold_in(key(seed), j), k)`` for matrices ``j``, refreshes ``k``."""
+  base = jax.random.key(seed)
+  return jax.vmap(lambda j, k: jax.random.fold_in(jax.random.fold_in(base, j), k))(
+    jnp.asarray(matrix_ids), jnp.asarray(refresh_ids)
+  )
+
+
+def refresh_due_slices(matrices: jax.Array, projectors: jax.Array, due: jax.Array, compute):
+  """Recomputes ``projectors[b]`` for the slices ``b`` that are due, and only those.
+
+  A ``fori_loop`` over the slices with one ``lax.cond`` each (scalar
+  predicates: never turned into a select), inside one ``lax.cond`` that skips
+  the loop on steps where no slice is due. Computing every slice's basis and
+  selecting would pay for all of them on every step.
+
+  Args:
+    matrices: ``(B, reduction, output)``.
+    projectors: ``(B, compressed, rank)``, the stored bases.
+    due: ``(B,)`` booleans.
+    compute: ``compute(x, b)`` returns the ``(1, compressed, rank)`` basis of
+      ``x = matrices[b:b + 1]``.
+  """
+
+  def refresh_slice(b, current):
+    def refreshed():
+      x = jax.lax.dynamic_slice_in_dim(matrices, b, 1, axis=0)
+      return jax.lax.dynamic_update_slice_in_dim(
+        current, compute(x, b).astype(current.dtype), b, axis=0
+      )
+
+    return jax.lax.cond(due[b], refreshed, lambda: current)
+
+  return jax.lax.cond(
+    jnp.any(due),
+    lambda: jax.lax.fori_loop(0, projectors.shape[0], refresh_slice, projectors),
+    lambda: projectors,
+  )
