@@ -63,6 +63,9 @@ def build_optimizer(config, model_config: LlamaConfig) -> optax.GradientTransfor
     scale=config.scale,
     weight_dimension_numbers=matrices,
     compressed_side=config.compressed_side,
+    projection=config.projection,
+    projection_seed=config.projection_seed,
+    staggered_refresh=config.staggered_refresh,
     **adam,
   )
   if name == "fira":

@@ -49,6 +49,9 @@ class Config:
   scaling: str = "column"  # Fira's norm-based scaling: column | matrix
   formulation: str = "reference"  # reference | paper
   compressed_side: str = "smaller"  # smaller (reference) | larger (optax) | reduction | output
+  projection: str = "svd"  # projector basis: svd (reference) | randomized_svd | random
+  projection_seed: int = 0  # seed of randomized/random bases
+  staggered_refresh: bool = False  # spread projector refreshes over the gap (no refresh stall)
   lora_rank: int = 0  # lora: adapter rank; 0 means the Fira rank
   # data
   data: str | None = None  # a .txt/.jsonl file or folder; default: the stdlib sources
@@ -80,6 +83,7 @@ FLAG_CHOICES = {
   "formulation": ("reference", "paper"),
   "compressed_side": ("smaller", "larger", "reduction", "output"),
   "domain": ("pretrain", "finetune"),
+  "projection": ("svd", "randomized_svd", "random"),
   "mu_dtype": (None, "float32", "bfloat16", "float16"),
 }
 
