@@ -1,0 +1,226 @@
+"""Projector refreshes: exact vs randomized SVD on a real gradient, and staggered refreshes.
+
+1. Gradients of a LLaMA-1B-sized SwiGLU MLP block (hidden 2048, ffn 5461), trained for a few
+   Adam steps on next-byte prediction over the Python standard library's source files (bytes
+   read from this interpreter's installation): time of the top-512 basis by exact SVD and by
+   randomized SVD, and the gradient energy each captures, ‖PᵀG‖ / ‖P_exactᵀG‖.
+2. LLaMA-60M shapes, ``fira_adamw`` over two gaps (``2T + 1`` steps): the slowest step after
+   step 0 against the median step, with and without ``staggered_refresh``.
+
+  python benchmarks/refresh.py [--gap 200] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import pathlib
+import statistics
+import sys
+import sysconfig
+import time
+
+import common  # benchmarks/ is on sys.path when a script here runs
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fira_jax
+from fira_jax import projection
+
+HIDDEN, FFN, RANK = 2048, 5461, 512
+
+
+def stdlib_bytes(n_tokens, seed=0):
+  """``n_tokens`` bytes of Python standard-library source, from shuffled files."""
+  files = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+  rng = np.random.default_rng(seed)
+  chunks, total = [], 0
+  for i in rng.permutation(len(files)):
+    data = files[i].read_bytes()
+    chunks.append(np.frombuffer(data, np.uint8))
+    total += len(data)
+    if total >= n_tokens:
+      break
+  return np.concatenate(chunks)[:n_tokens].astype(np.int32)
+
+
+def rms_norm(x, w):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * w
+
+
+def mlp_block_loss(params, tokens_BxL):
+  x_BxLxD = params["embed"][tokens_BxL[:, :-1]]
+  h = rms_norm(x_BxLxD, params["norm"])
+  gate_BxLxF = h @ params["gate"]
+  up_BxLxF = h @ params["up"]
+  x_BxLxD = x_BxLxD + (jax.nn.silu(gate_BxLxF) * up_BxLxF) @ params["down"]
+  logits_BxLxV = rms_norm(x_BxLxD, params["final_norm"]) @ params["head"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, tokens_BxL[:, 1:]).mean()
+
+
+def real_gradients(adam_steps=3, batch=4, length=257):
+  keys = jax.random.split(jax.random.key(0), 5)
+  init = lambda k, shape, fan_in: jax.random.normal(k, shape) / np.sqrt(fan_in)
+  params = {
+    "embed": init(keys[0], (256, HIDDEN), 1.0),
+    "norm": jnp.ones(HIDDEN),
+    "gate": init(keys[1], (HIDDEN, FFN), HIDDEN),
+    "up": init(keys[2], (HIDDEN, FFN), HIDDEN),
+    "down": init(keys[3], (FFN, HIDDEN), FFN),
+    "final_norm": jnp.ones(HIDDEN),
+    "head": init(keys[4], (HIDDEN, 256), HIDDEN),
+  }
+  data = stdlib_bytes(batch * length * (adam_steps + 1)).reshape(adam_steps + 1, batch, length)
+  tx = optax.adam(1e-3)
+  state = tx.init(params)
+  grad_fn = jax.jit(jax.value_and_grad(mlp_block_loss))
+  losses = []
+  for t in range(adam_steps):
+    loss, grads = grad_fn(params, jnp.asarray(data[t]))
+    losses.append(float(loss))
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  loss, grads = grad_fn(params, jnp.asarray(data[adam_steps]))
+  losses.append(float(loss))
+  return grads, losses
+
+
+def basis_rows(name, g, repeats):
+  rows = []
+  layout = projection.matrix_layout(g.shape, fira_jax.FiraDimensionNumbers(), RANK)
+  x = g[None]
+  axis = layout.compressed_axis
+  keys = jax.random.split(jax.random.key(0), 1)
+  exact_fn = jax.jit(lambda x, axis=axis: projection.svd_projector(x, RANK, axis))
+  exact = exact_fn(x)
+  t_exact, _ = common.median_time(lambda: jax.block_until_ready(exact_fn(x)), repeats)
+  captured = lambda p: float(jnp.linalg.norm(fira_jax.project(x, p, axis)))
+  best = captured(exact)
+  total = float(jnp.linalg.norm(g))
+  rows.append(
+    [
+      f"`{name}` {g.shape}",
+      "exact SVD",
+      f"{t_exact:.2f} s",
+      "1×",
+      "1.0000",
+      f"{best / total:.4f}",
+    ]
+  )
+  for q in (1, 2, 3):
+    fn = jax.jit(
+      lambda x, k, axis=axis, q=q: projection.randomized_svd_projector(
+        x, RANK, axis, k, power_iterations=q
+      )
+    )
+    p = fn(x, keys)
+    t, _ = common.median_time(lambda fn=fn: jax.block_until_ready(fn(x, keys)), repeats)
+    rows.append(
+      [
+        f"`{name}` {g.shape}",
+        f"randomized SVD, p = 16, q = {q}",
+        f"{t:.2f} s",
+        f"{t_exact / t:.1f}×",
+        f"{captured(p) / best:.4f}",
+        f"{captured(p) / total:.4f}",
+      ]
+    )
+  return rows
+
+
+def basis_table(repeats=3):
+  grads, losses = real_gradients()
+  rows = [r for name in ("gate", "down") for r in basis_rows(name, grads[name], repeats)]
+  print(common.markdown_table(["", "", "", "", "", ""], rows), file=sys.stderr, flush=True)
+  header = [
+    "gradient (Flax in, out)",
+    "basis (rank 512)",
+    "time",
+    "speed-up",
+    "‖PᵀG‖ / ‖P_exactᵀG‖",
+    "‖PᵀG‖ / ‖G‖",
+  ]
+  note = (
+    f"MLP block trained 3 Adam steps on stdlib bytes; loss {losses[0]:.3f} → "
+    f"{losses[-1]:.3f} when the gradient was taken."
+  )
+  return note + "\n\n" + common.markdown_table(header, rows)
+
+
+def step_times(tx, steps):
+  hidden, ffn, layers, *_ = common.LLAMA["60M"]
+  shapes = common.llama_shapes(hidden, ffn, layers)
+  params = common.concrete(shapes)
+  grads = common.concrete(shapes, seed=1, scale=1e-3)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  carry = [params, tx.init(params)]
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    carry[0], carry[1] = step(carry[0], carry[1], grads)
+    jax.block_until_ready(carry)
+    times.append(time.perf_counter() - start)
+  return times[1:]  # step 0 compiles and initialises every projector
+
+
+def stagger_table(gap, projections):
+  *_, rank, _, alpha = common.LLAMA["60M"]
+  rows = []
+  for projection_name in projections:
+    for staggered in (False, True):
+      tx = fira_jax.fira_adamw(
+        0.01,
+        rank=rank,
+        update_proj_gap=gap,
+        scale=alpha,
+        weight_dimension_numbers=common.fira_dimension_numbers(),
+        projection=projection_name,
+        staggered_refresh=staggered,
+      )
+      times = step_times(tx, 2 * gap + 1)
+      median, slowest = statistics.median(times), max(times)
+      print(projection_name, staggered, median, slowest, file=sys.stderr, flush=True)
+      rows.append(
+        [
+          projection_name,
+          "staggered" if staggered else "all at once (reference)",
+          f"{1e3 * median:.0f} ms",
+          f"{1e3 * slowest:,.0f} ms",
+          f"{slowest / median:.2f}×",
+          f"{1e3 * sum(times):,.0f} ms",
+        ]
+      )
+  header = [
+    "basis",
+    "refreshes",
+    "median step",
+    "slowest step",
+    "slowest ÷ median",
+    f"total, steps 1..{2 * gap}",
+  ]
+  note = f"fira_adamw on LLaMA-60M shapes (56 projected matrices), rank 128, gap T = {gap}."
+  return note + "\n\n" + common.markdown_table(header, rows)
+
+
+def main():
+  p = common.parser(__doc__)
+  p.add_argument("--gap", type=int, default=200)
+  p.add_argument("--skip-basis", action="store_true")
+  p.add_argument("--projections", default="svd,randomized_svd")
+  p.add_argument("--skip-stagger", action="store_true")
+  args = p.parse_args()
+  parts = []
+  if not args.skip_basis:
+    parts.append(basis_table())
+  if not args.skip_stagger:
+    parts.append(stagger_table(args.gap, args.projections.split(",")))
+  common.emit("\n\n".join(parts), args.output)
+
+
+if __name__ == "__main__":
+  main()
