@@ -208,6 +208,7 @@ def test_stdlib_pretrain_and_finetune_domains_do_not_overlap():
 
 def test_jsonl_and_hugging_face_dataset_saved_locally(tmp_path):
   import datasets
+
   texts = [f"document {i}: " + "some text " * 50 for i in range(40)]
   (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
   from_jsonl = data_lib.load_corpus(data=str(tmp_path / "docs.jsonl"))
