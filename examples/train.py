@@ -145,26 +145,33 @@ def describe_bytes(n: int) -> str:
 
 
 class MetricsLog:
-  """``metrics.jsonl``: appends records; on resume drops those past the restored step."""
+  """``metrics.jsonl``: appends records; on resume drops those past the restored step.
+
+  A process killed mid-write leaves a truncated last line: it is dropped, not fatal.
+  """
 
   def __init__(self, path: pathlib.Path, resume_step: int | None):
     self.path = path
     if resume_step is None:
       path.write_text("")
     elif path.exists():
-      kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= resume_step
-      ]
-      path.write_text("".join(line + "\n" for line in kept))
+      kept = [r for r in self.read() if r["step"] <= resume_step]
+      partial = path.with_suffix(".jsonl.tmp")  # a kill while rewriting loses nothing
+      partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      partial.replace(path)
 
   def write(self, record: dict) -> None:
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
 
   def read(self) -> list[dict]:
-    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in self.path.read_text().splitlines():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue  # blank, or cut short by a kill
+    return records
 
 
 def plot_losses(records: list[dict], path: pathlib.Path, title: str) -> None:
