@@ -117,7 +117,10 @@ def split_documents(docs: Sequence[Document]) -> tuple[list[Document], list[Docu
   if not train or not val:  # tiny corpora: hold out the last document
     train, val = list(docs[:-1]), list(docs[-1:])
   if not train:
-    raise ValueError("the corpus needs at least two documents (one for validation).")
+    raise ValueError(
+      "the corpus needs at least two documents, one of them for validation: split the text"
+      " into several files (or .jsonl lines)."
+    )
   return train, val
 
 
@@ -208,7 +211,10 @@ def eval_batches(
   window = seq_len + 1
   count = min(batch_size * num_batches, max(1, (len(tokens) - 1) // window))
   if len(tokens) < window:
-    raise ValueError(f"the validation text has {len(tokens)} tokens, fewer than {window}.")
+    raise ValueError(
+      f"the validation text (about 5% of the documents) has {len(tokens)} tokens, fewer than"
+      f" one sequence of {window}; use more text or a shorter --seq-len."
+    )
   starts = np.linspace(0, len(tokens) - window, count).astype(np.int64)
   windows = np.stack([tokens[s : s + window] for s in starts])
   return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]

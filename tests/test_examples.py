@@ -135,6 +135,26 @@ def test_missing_corpus_gets_a_clear_error(tmp_path):
     pretrain.main(["--workdir", str(tmp_path), "--data", str(tmp_path / "nope"), *SMALL])
 
 
+@pytest.mark.parametrize(
+  "files, message",
+  [
+    ({}, "no non-empty .txt or .jsonl text found"),
+    ({"a.txt": ""}, "no non-empty .txt or .jsonl text found"),
+    ({"a.txt": "one document only"}, "at least two documents"),
+    ({"a.jsonl": '{"body": "x"}'}, "a .jsonl line needs a 'text' field"),
+    ({f"d{i}.txt": "short" for i in range(30)}, "use more text or a shorter --seq-len"),
+  ],
+  ids=["empty-folder", "empty-file", "one-document", "jsonl-without-text", "too-short"],
+)
+def test_unusable_corpus_gets_an_error_saying_what_to_do(tmp_path, files, message):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for name, text in files.items():
+    (corpus / name).write_text(text)
+  with pytest.raises(SystemExit, match=re.escape(message)):
+    pretrain.main(["--workdir", str(tmp_path / "run"), "--data", str(corpus), *SMALL])
+
+
 def test_lora_baseline_trains_only_adapters_and_unadapted_weights(tmp_path, corpus_dir):
   config = train.Config(
     optimizer="lora",
