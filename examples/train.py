@@ -258,6 +258,18 @@ def load_model_weights(model: nnx.Module, source_workdir: str) -> None:
       f"--init-from {source_workdir}: its vocabulary has {base_config.vocab_size} tokens, this"
       f" run's tokenizer {model.config.vocab_size}; use the same --tokenizer."
     )
+  shape_fields = ("hidden", "ffn", "heads", "layers", "scan_layers")
+  differ = [
+    f"{f} {getattr(base_config, f)} (now {getattr(model.config, f)})"
+    for f in shape_fields
+    if getattr(base_config, f) != getattr(model.config, f)
+  ]
+  if differ:
+    raise ValueError(
+      f"--init-from {source_workdir}: that run's model has {', '.join(differ)}; use its"
+      f" --model {meta['config']['model']}"
+      f"{' --scan-layers' if base_config.scan_layers else ''}."
+    )
   abstract = {"model": nnx.state(nnx.eval_shape(lambda: model_lib.Llama(base_config, nnx.Rngs(0))))}
   manager = ocp.CheckpointManager(pathlib.Path(source_workdir).resolve() / "checkpoints")
   restored = manager.restore(

@@ -311,3 +311,13 @@ def test_finetune_starts_every_optimizer_from_the_pretrained_weights(tmp_path, c
   ]
   assert len(rows) == 3
   assert len({row[3].strip() for row in rows}) == 1, "the same starting perplexity for all"
+
+
+def test_init_from_a_run_of_another_model_shape_says_which_model_to_use(tmp_path, corpus_dir):
+  common = ["--data", str(corpus_dir), "--steps", "1", *SMALL]
+  pretrain.main(["--workdir", str(tmp_path / "pre"), *common])
+  with pytest.raises(SystemExit, match=r"scan_layers False \(now True\); use its --model tiny\."):
+    pretrain.main(
+      ["--workdir", str(tmp_path / "ft"), "--init-from", str(tmp_path / "pre"), "--scan-layers"]
+      + common
+    )
