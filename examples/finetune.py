@@ -12,6 +12,7 @@ perplexity on the fine-tuning text before and after.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import pathlib
 import shutil
@@ -22,6 +23,29 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train
 
 DEFAULT_LR = {"fira": 1e-3, "lora": 3e-3, "adamw": 1e-3, "galore": 3e-3}
+
+
+def finetune_config(name: str, args: argparse.Namespace, pre_config: dict, tokenizer: str):
+  """The run of optimizer ``name`` on the pre-trained model (same model, seq_len, tokenizer)."""
+  return train.Config(
+    model=pre_config["model"],
+    scan_layers=pre_config["scan_layers"],
+    optimizer=name,
+    lr=DEFAULT_LR[name] if args.lr is None else args.lr,
+    rank=args.rank,
+    steps=args.steps,
+    batch_size=args.batch_size,
+    seq_len=pre_config["seq_len"],
+    tokenizer=tokenizer,
+    data=args.data,
+    domain="finetune",
+    eval_every=max(1, args.steps // 3),
+    eval_batches=args.eval_batches,
+    checkpoint_every=max(1, args.steps),
+    init_from=str(args.init_from),
+    progress=args.progress,
+    warmup=0.1,
+  )
 
 
 def main(argv=None) -> str:
@@ -53,6 +77,18 @@ def main(argv=None) -> str:
   parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
   args = parser.parse_args(argv)
 
+  names = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+  unknown = [n for n in names if n not in DEFAULT_LR]
+  if unknown or not names:
+    parser.error(
+      f"--optimizers: unknown {unknown or 'none given'}; choose from {sorted(DEFAULT_LR)}"
+    )
+  # Flags are checked before anything is read or trained (the model's own fields are the defaults).
+  defaults = dataclasses.asdict(train.Config())
+  drafts = [finetune_config(name, args, defaults, "bytes") for name in names]
+  problems = sorted({p for c in drafts for p in train.check_config(c)})
+  if problems:
+    parser.error("; ".join(problems))
   try:
     pre_config = train.read_checkpoint_meta(args.init_from)["config"]
   except FileNotFoundError as e:
@@ -60,34 +96,17 @@ def main(argv=None) -> str:
   tokenizer = pre_config["tokenizer"]
   if tokenizer.startswith("bpe-train:"):  # the tokenizer the pre-training run trained
     tokenizer = f"bpe:{args.init_from / 'tokenizer.json'}"
+  configs = {name: finetune_config(name, args, pre_config, tokenizer) for name in names}
   rows = []
-  for name in [o.strip() for o in args.optimizers.split(",") if o.strip()]:
-    if name not in DEFAULT_LR:
-      raise SystemExit(f"error: --optimizers: unknown {name!r}; choose from {sorted(DEFAULT_LR)}")
-    config = train.Config(
-      model=pre_config["model"],
-      scan_layers=pre_config["scan_layers"],
-      optimizer=name,
-      lr=args.lr or DEFAULT_LR[name],
-      rank=args.rank,
-      steps=args.steps,
-      batch_size=args.batch_size,
-      seq_len=pre_config["seq_len"],
-      tokenizer=tokenizer,
-      data=args.data,
-      domain="finetune",
-      eval_every=max(1, args.steps // 3),
-      eval_batches=args.eval_batches,
-      checkpoint_every=args.steps,
-      init_from=str(args.init_from),
-      progress=args.progress,
-      warmup=0.1,
-    )
+  for name, config in configs.items():
     workdir = args.out / name
     if workdir.exists():
       shutil.rmtree(workdir)  # every fine-tuning run starts from the pre-trained weights
-    before = train.evaluate_only(config, workdir)
-    summary = train.train_and_evaluate(config, workdir)
+    try:
+      before = train.evaluate_only(config, workdir)
+      summary = train.train_and_evaluate(config, workdir)
+    except (ValueError, FileNotFoundError) as e:
+      raise SystemExit(f"error: {e}") from None
     rows.append((name, config.lr, before, summary))
   lines = [
     f"Fine-tuning `{pre_config['model']}` from {args.init_from} for {args.steps} steps on"

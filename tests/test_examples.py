@@ -321,3 +321,21 @@ def test_init_from_a_run_of_another_model_shape_says_which_model_to_use(tmp_path
       ["--workdir", str(tmp_path / "ft"), "--init-from", str(tmp_path / "pre"), "--scan-layers"]
       + common
     )
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--steps", "-3"], "--steps must be positive, got -3"),
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--optimizers", "fira,sgd"], "--optimizers: unknown ['sgd']"),
+  ],
+)
+def test_finetune_rejects_bad_flags_before_training(tmp_path, capsys, flags, message):
+  pre = tmp_path / "pre"
+  (pre / "checkpoints").mkdir(parents=True)
+  with pytest.raises(SystemExit) as exit_info:
+    finetune.main(["--init-from", str(pre), "--out", str(tmp_path / "ft"), *flags])
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "ft").exists()
