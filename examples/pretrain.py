@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
       f"stopped; continue with: python examples/pretrain.py --resume --workdir {args.workdir} ..."
     )
     raise SystemExit(130) from None
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
     raise SystemExit(f"error: {e}") from None
   ppl = summary["final_eval_ppl"]
   print(

@@ -197,6 +197,11 @@ def plot_losses(records: list[dict], path: pathlib.Path, title: str) -> None:
   plt.close(fig)
 
 
+def all_finite(tree) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+
+
 def evaluate(eval_step, model, batches) -> float:
   losses = [float(eval_step(model, jnp.asarray(b))) for b in batches]
   return float(np.mean(losses))
@@ -347,6 +352,11 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
     if not config.checkpoints:
       return
     state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    if not all_finite(state):  # never let a diverged state replace a good checkpoint
+      raise FloatingPointError(
+        f"the model or optimizer state is not finite at step {step}; not saving it. The last"
+        f" checkpoint (step {manager.latest_step()}) is intact: --resume with a lower --lr."
+      )
     manager.save(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -406,7 +416,10 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
       if step % config.log_every == 0 or step == end_step:
         loss = float(loss)
         if not math.isfinite(loss):
-          raise FloatingPointError(f"the training loss is {loss} at step {step}; lower --lr.")
+          raise FloatingPointError(
+            f"the training loss is {loss} at step {step}. The last checkpoint (step"
+            f" {manager.latest_step()}) is intact: --resume with a lower --lr."
+          )
         elapsed = time.perf_counter() - window_start
         tok_s = tokens_per_step * config.log_every / max(elapsed, 1e-9)
         window_start = time.perf_counter()

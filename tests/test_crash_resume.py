@@ -167,3 +167,23 @@ def test_checkpoints_hold_only_arrays_and_json_and_load_without_unpickling(
   meta = train.read_checkpoint_meta(tmp_path)
   assert meta["config"]["steps"] == STEPS
   assert any("projector" in k for k in state) and all(v.size for v in state.values())
+
+
+def test_a_diverged_run_never_overwrites_its_last_finite_checkpoint(
+  tmp_path,
+  corpus_dir,  # noqa: F811
+):
+  import pretrain
+
+  common = [
+    *("--workdir", str(tmp_path), "--data", str(corpus_dir), "--steps", "8"),
+    *("--optimizer", "adamw", "--warmup", "0", "--checkpoint-every", "1", "--log-every", "100"),
+    *("--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress", "--no-plot"),
+  ]
+  with pytest.raises(SystemExit, match=r"is intact: --resume with a lower --lr") as diverged:
+    pretrain.main([*common, "--lr", "1e12"])
+  state = flat_arrays(restored_state(tmp_path))
+  assert all(np.isfinite(v).all() for v in state.values()), "a non-finite state was saved"
+  with ocp.CheckpointManager(tmp_path.resolve() / "checkpoints") as manager:
+    latest = manager.latest_step()
+  assert latest < 8 and f"(step {latest}) is intact" in str(diverged.value)
