@@ -26,6 +26,7 @@ from fira_jax.projection import random_projector
 from fira_jax.projection import randomized_svd_projector
 from fira_jax.projection import svd_projector
 from fira_jax.scaling import norm_based_scaling_factor
+from fira_jax.sharding import state_shardings
 
 __version__ = "0.1.0"
 
@@ -55,5 +56,6 @@ __all__ = (
   "scale_by_adam_step_size",
   "scale_by_fira",
   "scale_by_uncorrected_adam",
+  "state_shardings",
   "svd_projector",
 )

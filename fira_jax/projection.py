@@ -296,11 +296,15 @@ def svd_projector(matrices: jax.Array, rank: int, compressed_axis: int) -> jax.A
   basis is cast back to the gradient's dtype. Returns ``(B, compressed, rank)``
   with orthonormal columns in the canonical sign convention.
   """
-  u, _, vh = jnp.linalg.svd(matrices.astype(jnp.float32), full_matrices=False)
-  if compressed_axis == 0:
-    basis = u[..., :, :rank]
-  else:
-    basis = jnp.swapaxes(vh[..., :rank, :], -1, -2)
+
+  def one(x):
+    u, _, vh = jnp.linalg.svd(x, full_matrices=False)
+    return u[:, :rank] if compressed_axis == 0 else vh[:rank, :].T
+
+  # lax.map, not one batched SVD: jaxlib's batched CPU LAPACK kernels fan out into the
+  # intra-op thread pool they run on, which deadlocks with several CPU devices (pmap or a
+  # mesh) on few cores (jax 0.10.2); unbatched ones were also faster (randomized_svd_projector).
+  basis = jax.lax.map(one, matrices.astype(jnp.float32))
   return canonical_signs(basis).astype(matrices.dtype)
 
 

@@ -1,0 +1,334 @@
+"""Fira on a device mesh: state shardings, sharded and pmap steps, partitioned refreshes.
+
+The pytest process has already started JAX with one CPU device, so the mesh checks run in
+one child process (``python tests/test_sharding.py``) with 8 CPU devices, which prints its
+measurements as JSON; the tests below assert on them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import fira_jax
+from fira_jax import FiraDimensionNumbers
+
+# A tiny network with every kind of projected leaf: a kernel whose compressed (input) side is
+# FSDP-sharded, a stacked (layers, in, out) kernel, one compressed on its unsharded output
+# side (so its low-rank moments are sharded), and a bias.
+SHAPES = {"w1": (16, 32), "ws": (2, 32, 32), "w2": (32, 8), "b": (32,)}
+SPECS = {"w1": P("fsdp", None), "ws": P(None, "fsdp", None), "w2": P("fsdp", None), "b": P()}
+DIMS = {
+  "w1": FiraDimensionNumbers(),
+  "ws": FiraDimensionNumbers(1, 2),
+  "w2": FiraDimensionNumbers(),
+  "b": None,
+}
+RANK = 4
+GAP = 2  # refreshes on steps 0 and 2 of the 3 steps
+BATCH = 16
+
+
+def make_tx(projection: str) -> optax.GradientTransformation:
+  return fira_jax.fira_adamw(
+    1e-2,
+    rank=RANK,
+    update_proj_gap=GAP,
+    scale=0.25,
+    weight_decay=0.1,
+    weight_dimension_numbers=DIMS,
+    projection=projection,
+  )
+
+
+def init_params():
+  keys = jax.random.split(jax.random.key(0), len(SHAPES))
+  return {
+    name: 0.3 * jax.random.normal(k, shape)
+    for k, (name, shape) in zip(keys, SHAPES.items(), strict=True)
+  }
+
+
+def batches(steps: int):
+  keys = jax.random.split(jax.random.key(1), steps)
+  return [
+    (jax.random.normal(k, (BATCH, 16)), jax.random.normal(jax.random.fold_in(k, 1), (BATCH, 8)))
+    for k in keys
+  ]
+
+
+def loss_fn(params, batch):
+  x, y = batch
+  h = jnp.tanh(x @ params["w1"] + params["b"])
+  for layer in range(SHAPES["ws"][0]):
+    h = jnp.tanh(h @ params["ws"][layer])
+  return jnp.mean(jnp.square(h @ params["w2"] - y))
+
+
+def train_step(tx, params, state, batch):
+  grads = jax.grad(loss_fn)(params, batch)
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
+# ---------------------------------------------------------------- tests in the pytest process
+
+
+def test_projector_and_moments_follow_the_sharded_dimension():
+  params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in SHAPES.items()}
+  specs = fira_jax.state_shardings(
+    make_tx("svd"), params, SPECS, weight_dimension_numbers=DIMS, rank=RANK
+  )
+  fira_state = specs[0]
+  adam = fira_state.base_optimizer_state
+  # w1 (16, 32): input side compressed, sharded like w1's rows; moments (r, 32) keep the
+  # unsharded output side.
+  assert fira_state.projector["w1"] == P("fsdp", None)
+  assert adam.mu["w1"] == P(None, None)
+  # ws (2, 32, 32): per-layer projectors, sharded like each layer's rows.
+  assert fira_state.projector["ws"] == P(None, "fsdp", None)
+  assert fira_state.residual_norm["ws"] == P(None)
+  # w2 (32, 8): output side compressed (unsharded); the moments (32, r) keep the sharded rows.
+  assert fira_state.projector["w2"] == P(None, None)
+  assert adam.mu["w2"] == P("fsdp", None) and adam.nu["w2"] == P("fsdp", None)
+  # Unprojected leaves are sharded like their parameter; counts are replicated.
+  assert adam.mu["b"] == P() and fira_state.count == P()
+  assert fira_state.projector["b"] == optax.MaskedNode()
+
+
+def test_state_shardings_tree_matches_the_state_tree():
+  params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in SHAPES.items()}
+  for projection in ("svd", "random"):
+    tx = make_tx(projection)
+    state = jax.eval_shape(tx.init, params)
+    specs = fira_jax.state_shardings(tx, params, SPECS, weight_dimension_numbers=DIMS, rank=RANK)
+    is_spec = lambda x: isinstance(x, P)
+    assert jax.tree.structure(state) == jax.tree.structure(specs, is_leaf=is_spec)
+    for x, spec in zip(
+      jax.tree.leaves(state), jax.tree.leaves(specs, is_leaf=is_spec), strict=True
+    ):
+      assert len(spec) <= x.ndim
+
+
+def test_flattened_side_is_sharded_like_its_major_axis_only():
+  # An attention kernel (embed, heads, head_dim) with output_axis=(1, 2).
+  params = {"attn": jax.ShapeDtypeStruct((8, 4, 6), jnp.float32)}
+  dims = FiraDimensionNumbers(0, (1, 2))
+  tx = fira_jax.scale_by_fira(rank=2, compressed_side="output", weight_dimension_numbers=dims)
+  by_heads = fira_jax.state_shardings(
+    tx,
+    params,
+    {"attn": P(None, "tp", None)},
+    weight_dimension_numbers=dims,
+    rank=2,
+    compressed_side="output",
+  )
+  assert by_heads.projector["attn"] == P("tp", None)
+  by_head_dim = fira_jax.state_shardings(
+    tx,
+    params,
+    {"attn": P(None, None, "tp")},
+    weight_dimension_numbers=dims,
+    rank=2,
+    compressed_side="output",
+  )
+  assert by_head_dim.projector["attn"] == P(None, None)  # not a contiguous tiling: replicated
+
+
+def test_adamw_state_gets_the_parameter_shardings():
+  params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in SHAPES.items()}
+  specs = fira_jax.state_shardings(optax.adamw(1e-3), params, SPECS)
+  assert specs[0].mu == SPECS and specs[0].nu == SPECS and specs[0].count == P()
+
+
+def test_mismatched_rank_is_reported():
+  params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in SHAPES.items()}
+  with pytest.raises(ValueError, match="rank=8"):
+    fira_jax.state_shardings(make_tx("svd"), params, SPECS, weight_dimension_numbers=DIMS, rank=8)
+
+
+# ------------------------------------------------------- tests on the child's 8-device mesh
+
+
+@pytest.fixture(scope="module")
+def mesh_results():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, __file__], capture_output=True, text=True, timeout=600, env=env
+  )
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(lines[-1].removeprefix("RESULTS "))
+
+
+@pytest.mark.parametrize("projection", ["svd", "randomized_svd"])
+def test_data_parallel_fsdp_step_matches_the_single_device_step(mesh_results, projection):
+  assert mesh_results["devices"] == 8
+  # 3 steps with refreshes on steps 0 and 2, stacked and plain kernels, weight decay.
+  assert mesh_results[f"{projection}/params_error"] < 1e-5
+  assert mesh_results[f"{projection}/state_error"] < 1e-4
+
+
+def test_pmap_step_matches_the_single_device_step(mesh_results):
+  assert mesh_results["pmap/replicas_agree"]
+  assert mesh_results["pmap/params_error"] < 1e-5
+
+
+def test_projectors_are_split_along_the_fsdp_sharded_side(mesh_results):
+  # Global projectors: w1 (16, 4), ws (2, 32, 4), w2 (8, 4); fsdp = 4.
+  shards = mesh_results["svd/projector_shards"]
+  assert shards == {"w1": [4, 4], "ws": [2, 8, 4], "w2": [8, 4]}
+
+
+def test_randomized_refresh_never_gathers_a_full_gradient(mesh_results):
+  # The (64, 96) gradient is sharded (16, 96) per device; the range finder gathers only
+  # tall-skinny (64, rank + oversampling) blocks for its QRs.
+  gathers = mesh_results["gathers/randomized_svd"]
+  assert gathers, "expected the QRs' small gathers: is the HLO parser still reading the program?"
+  assert all(np.prod(shape) < 64 * 96 // 2 for shape in gathers), gathers
+
+
+def test_exact_svd_refresh_gathers_the_full_gradient(mesh_results):
+  # What the README says: LAPACK's SVD needs the whole matrix on each device.
+  assert [64, 96] in mesh_results["gathers/svd"]
+
+
+# ------------------------------------------------------------ the 8-device child process
+
+MESH_SHAPE = {"data": 2, "fsdp": 4}
+BATCH_SPEC = P(("data", "fsdp"))  # data parallel over the whole mesh, FSDP over "fsdp"
+
+
+def single_device_run(projection: str, steps: int):
+  tx = make_tx(projection)
+  params = init_params()
+  state = tx.init(params)
+  step = jax.jit(functools.partial(train_step, tx))
+  for batch in batches(steps):
+    params, state = step(params, state, batch)
+  return params, state
+
+
+def sharded_run(mesh, projection: str, steps: int):
+  from jax.sharding import NamedSharding
+
+  tx = make_tx(projection)
+  shard = lambda spec: NamedSharding(mesh, spec)
+  param_sh = jax.tree.map(shard, SPECS)
+  params = jax.device_put(init_params(), param_sh)
+  state_sh = fira_jax.state_shardings(
+    tx, params, param_sh, weight_dimension_numbers=DIMS, rank=RANK
+  )
+  state = jax.jit(tx.init, out_shardings=state_sh)(params)
+  batch_sh = (shard(BATCH_SPEC), shard(BATCH_SPEC))
+  step = jax.jit(
+    functools.partial(train_step, tx),
+    in_shardings=(param_sh, state_sh, batch_sh),
+    out_shardings=(param_sh, state_sh),
+  )
+  for batch in batches(steps):
+    params, state = step(params, state, jax.device_put(batch, batch_sh))
+  return params, state, state_sh
+
+
+def relative_error(a, b) -> float:
+  errors = [
+    float(np.linalg.norm(np.asarray(x) - np.asarray(y)) / (np.linalg.norm(np.asarray(y)) + 1e-12))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  ]
+  return max(errors)
+
+
+def per_device_fraction(tree) -> float:
+  """Bytes of ``tree`` on device 0 over its total bytes."""
+  leaves = [x for x in jax.tree.leaves(tree) if x.size]
+  local = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+  return local / sum(x.nbytes for x in leaves)
+
+
+def pmap_run(projection: str, steps: int):
+  tx = make_tx(projection)
+  n = jax.local_device_count()
+
+  def step(params, state, batch):
+    grads = jax.lax.pmean(jax.grad(loss_fn)(params, batch), "batch")
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.pmap(step, axis_name="batch")
+  params = init_params()
+  replicate = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree)
+  params, state = replicate(params), replicate(tx.init(params))
+  for x, y in batches(steps):
+    split = lambda a: a.reshape((n, -1) + a.shape[1:])
+    params, state = step(params, state, (split(x), split(y)))
+  replicas_agree = all(bool(jnp.all(x == x[:1])) for x in jax.tree.leaves(params))
+  return jax.tree.map(lambda x: x[0], params), replicas_agree
+
+
+def all_gathers(hlo: str) -> list[tuple[int, ...]]:
+  """Result shapes of the all-gathers in a compiled (partitioned) HLO module."""
+  shapes = []
+  for line in hlo.splitlines():
+    match = re.search(r"= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", line)
+    if match:
+      shapes.append(tuple(int(d) for d in match.group(1).split(",") if d))
+  return shapes
+
+
+def refresh_gathers(mesh, projection: str, shape=(64, 96)):
+  """All-gathers in a compiled refresh step of one FSDP-sharded (in, out) gradient."""
+  from jax.sharding import NamedSharding
+
+  tx = fira_jax.scale_by_fira(rank=8, update_proj_gap=1, projection=projection)
+  param_sh = {"w": NamedSharding(mesh, P("fsdp", None))}
+  params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=param_sh["w"])}
+  state_sh = fira_jax.state_shardings(tx, params, param_sh, rank=8)
+  state = jax.eval_shape(tx.init, params)
+  update = jax.jit(lambda g, s: tx.update(g, s), in_shardings=(param_sh, state_sh))
+  hlo = update.lower(params, state).compile().as_text()
+  return all_gathers(hlo)
+
+
+def child_main():
+  jax.config.update("jax_num_cpu_devices", 8)
+  assert jax.device_count() == 8, jax.devices()
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_SHAPE)
+  mesh = jax.make_mesh(tuple(MESH_SHAPE.values()), tuple(MESH_SHAPE), axis_types=auto)
+  steps = 3
+  results = {"devices": jax.device_count()}
+  for projection in ("svd", "randomized_svd"):
+    reference, reference_state = single_device_run(projection, steps)
+    params, state, _ = sharded_run(mesh, projection, steps)
+    results[f"{projection}/params_error"] = relative_error(params, reference)
+    results[f"{projection}/state_error"] = relative_error(
+      state[0].base_optimizer_state, reference_state[0].base_optimizer_state
+    )
+    results[f"{projection}/state_fraction_on_device_0"] = per_device_fraction(state)
+    results[f"{projection}/projector_shards"] = {
+      k: list(v.addressable_shards[0].data.shape)
+      for k, v in state[0].projector.items()
+      if not isinstance(v, optax.MaskedNode)
+    }
+    if projection == "svd":
+      pmapped, agree = pmap_run(projection, steps)
+      results["pmap/params_error"] = relative_error(pmapped, reference)
+      results["pmap/replicas_agree"] = agree
+  for projection in ("svd", "randomized_svd"):
+    results[f"gathers/{projection}"] = refresh_gathers(mesh, projection)
+  print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+  child_main()
