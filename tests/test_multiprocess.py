@@ -1,0 +1,117 @@
+"""Fira across processes: 2 JAX processes on localhost (CPU collectives) vs one process.
+
+Each worker (``python tests/test_multiprocess.py worker PORT ID OUT``) joins a
+``jax.distributed`` cluster of 2 processes with 4 CPU devices each, builds the global
+``data=2 x fsdp=4`` mesh over all 8 devices, and trains the tiny network of
+``tests/test_sharding.py`` for 3 steps (two projector refreshes) from the same
+initialization and batches; process 0 writes the gathered parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+from tests import test_sharding as common  # noqa: E402
+
+PROCESSES = 2
+STEPS = 3
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  port = free_port()
+  out = tmp_path / "params.npz"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  workers = [
+    subprocess.Popen(
+      [sys.executable, __file__, "worker", str(port), str(i), str(out)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=env,
+    )
+    for i in range(PROCESSES)
+  ]
+  logs = []
+  try:
+    for w in workers:
+      logs.append(w.communicate(timeout=240)[0])
+  finally:
+    for w in workers:
+      if w.poll() is None:
+        w.kill()
+  assert all(w.returncode == 0 for w in workers), "\n".join(log[-3000:] for log in logs)
+  assert "processes 2, devices 8, local 4" in logs[0], logs[0][-2000:]
+  gathered = dict(np.load(out))
+  reference, _ = common.single_device_run("svd", STEPS)
+  assert sorted(gathered) == sorted(reference)
+  for name, value in reference.items():
+    np.testing.assert_allclose(gathered[name], np.asarray(value), rtol=1e-5, atol=1e-6)
+  # The run moved the parameters: the comparison is not between two initializations.
+  assert not np.allclose(gathered["w1"], np.asarray(common.init_params()["w1"]))
+
+
+def worker(port: int, process_id: int, out: str) -> None:
+  import jax
+  from jax.experimental import multihost_utils
+  from jax.sharding import NamedSharding
+
+  import fira_jax
+
+  jax.config.update("jax_num_cpu_devices", 4)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", PROCESSES, process_id)
+  print(
+    f"processes {jax.process_count()}, devices {jax.device_count()},"
+    f" local {jax.local_device_count()}",
+    flush=True,
+  )
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  mesh = jax.make_mesh(tuple(common.MESH_SHAPE.values()), tuple(common.MESH_SHAPE), axis_types=auto)
+  shard = lambda spec: NamedSharding(mesh, spec)
+
+  def global_array(x, sharding):
+    # Every process holds the full value (same seed); each contributes its own shards,
+    # as a data loader would contribute its part of the batch.
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  tx = common.make_tx("svd")
+  param_sh = jax.tree.map(shard, common.SPECS)
+  params = jax.tree.map(global_array, common.init_params(), param_sh)
+  state_sh = fira_jax.state_shardings(
+    tx, params, param_sh, weight_dimension_numbers=common.DIMS, rank=common.RANK
+  )
+  state = jax.jit(tx.init, out_shardings=state_sh)(params)
+  batch_sh = (shard(common.BATCH_SPEC),) * 2
+  step = jax.jit(
+    functools.partial(common.train_step, tx),
+    in_shardings=(param_sh, state_sh, batch_sh),
+    out_shardings=(param_sh, state_sh),
+  )
+  for batch in common.batches(STEPS):
+    params, state = step(params, state, jax.tree.map(global_array, batch, batch_sh))
+  gathered = multihost_utils.process_allgather(params, tiled=True)
+  if jax.process_index() == 0:
+    np.savez(out, **{k: np.asarray(v) for k, v in gathered.items()})
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+  worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
