@@ -41,6 +41,14 @@ def trainable_filter(optimizer: str):
   return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, not_adapted))
 
 
+def low_rank_layout(config, model_config: LlamaConfig):
+  """Fira/GaLore's rank, weight_dimension_numbers and compressed side for this model."""
+  rank = config.rank or max(1, model_config.hidden // 4)
+  stacked = fira_jax.FiraDimensionNumbers(1, 2) if model_config.scan_layers else None
+  matrices = fira_jax.dimension_numbers_for_paths(MATRIX_PATTERN, stacked)
+  return rank, matrices, config.compressed_side
+
+
 def build_optimizer(config, model_config: LlamaConfig) -> optax.GradientTransformation:
   """The optax transformation named by ``config.optimizer`` with the config's settings."""
   name = config.optimizer
@@ -54,9 +62,7 @@ def build_optimizer(config, model_config: LlamaConfig) -> optax.GradientTransfor
     weight_decay=config.weight_decay,
     mu_dtype=config.mu_dtype,
   )
-  rank = config.rank or max(1, model_config.hidden // 4)
-  stacked = fira_jax.FiraDimensionNumbers(1, 2) if model_config.scan_layers else None
-  matrices = fira_jax.dimension_numbers_for_paths(MATRIX_PATTERN, stacked)
+  rank, matrices, _ = low_rank_layout(config, model_config)
   low_rank = dict(
     rank=rank,
     update_proj_gap=config.update_proj_gap,

@@ -3,7 +3,8 @@
     pip install -e ".[examples]" && python examples/pretrain.py
 
 Every library option is a flag (``--help``). ``--optimizer galore|galore-optax|adamw|lora``
-trains the baselines; ``--resume`` continues an interrupted run from its last checkpoint.
+trains the baselines; ``--resume`` continues an interrupted run from its last checkpoint;
+``--mesh data=2,fsdp=4`` shards the run over 8 devices (on CPU: 8 host devices).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import cli
+import mesh
 import train
 
 
@@ -35,6 +37,8 @@ def main(argv=None) -> dict:
   problems = train.check_config(config)
   if problems:
     parser.error("; ".join(problems))
+  if config.mesh:
+    mesh.request_cpu_devices(mesh.parse_mesh(config.mesh))
   cli.prepare_workdir(args.workdir, config.resume, args.overwrite)
   try:
     summary = train.train_and_evaluate(config, args.workdir)

@@ -18,6 +18,7 @@ import time
 import data as data_lib
 import jax
 import jax.numpy as jnp
+import mesh as mesh_lib
 import model as model_lib
 import numpy as np
 import optim
@@ -72,6 +73,7 @@ class Config:
   resume: bool = False  # continue from workdir's last checkpoint
   init_from: str | None = None  # start from the model weights of another run's workdir
   stop_after: int | None = None  # stop (as if interrupted) after this many steps
+  mesh: str | None = None  # shard over a device mesh, e.g. data=2,fsdp=4 (see examples/mesh.py)
   progress: bool = True  # show a progress bar
   plot: bool = True  # write loss.png
 
@@ -117,6 +119,13 @@ def check_config(config: Config) -> list[str]:
     problems.append(f"--norm-growth-limit must be >= 1 (or none), got {config.norm_growth_limit}")
   if config.embed_lr is not None and config.optimizer != "adamw":
     problems.append("--embed-lr is for --optimizer adamw only")
+  if config.mesh is not None:
+    try:
+      shape = mesh_lib.parse_mesh(config.mesh)
+      if config.batch_size % math.prod(shape.values()):
+        problems.append(f"--batch-size {config.batch_size} must divide over the --mesh devices")
+    except ValueError as e:
+      problems.append(str(e))
   if config.stop_after is not None and config.stop_after <= 0:
     problems.append(f"--stop-after must be positive, got {config.stop_after}")
   return problems
@@ -322,6 +331,12 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
   wrt = optim.trainable_filter(config.optimizer)
   tx = optim.build_optimizer(config, model_config)
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+  placement, batch_sharding = None, None
+  if config.mesh:  # before any restore: orbax restores onto the shardings it is shown
+    mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh(config.mesh))
+    placement = mesh_lib.Placement(mesh, model, optimizer, config, model_config)
+    placement.place(model, optimizer)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
   schedule = optim.learning_rate_schedule(
     config.lr, config.steps, config.warmup, config.min_lr_ratio
   )
@@ -385,6 +400,8 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
       model, batch
     )
     optimizer.update(model, grads)
+    if placement is not None:
+      placement.constrain(model, optimizer)
     return loss
 
   @nnx.jit
@@ -413,7 +430,7 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
   step, window_start, eval_loss = start_step, time.perf_counter(), None
   try:
     for step in range(start_step + 1, end_step + 1):
-      loss = train_step(model, optimizer, jnp.asarray(next(batches)))
+      loss = train_step(model, optimizer, jax.device_put(next(batches), batch_sharding))
       if step % config.log_every == 0 or step == end_step:
         loss = float(loss)
         if not math.isfinite(loss):

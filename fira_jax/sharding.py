@@ -4,18 +4,17 @@ Each piece of the state follows the dimension of its parameter that it
 shares, so a sharded (FSDP, tensor-parallel) parameter never has full-size
 state replicated on every device:
 
-=========================  ==================================================
-state leaf                 sharded like
-=========================  ==================================================
-projector ``(…, c, r)``    batch axes like the parameter's; ``c`` like the
-                           compressed side of the matrix; ``r`` replicated
-low-rank moments           batch axes like the parameter's; the kept side
-``(…, r, o)``/``(…, i, r)``  like the parameter's; ``r`` replicated
-limiter norm ``(…)``       like the parameter's batch axes
-full-shape leaves          exactly like the parameter (unprojected leaves,
-                           and any base-optimizer state with its shape)
-everything else            replicated (step counts, schedule state)
-=========================  ==================================================
+* projector ``(…, c, r)``: batch axes like the parameter's, ``c`` like the
+  compressed side of the matrix, ``r`` replicated;
+* low-rank moments ``(…, r, o)`` or ``(…, i, r)``: batch axes like the
+  parameter's, the kept side like the parameter's, ``r`` replicated; with
+  ``spread_moments`` (default) a kept side that the parameter does not shard
+  takes the compressed side's mesh axes instead (ZeRO-style), so FSDP on the
+  compressed side does not leave the moments replicated;
+* limiter norm ``(…)``: like the parameter's batch axes;
+* full-shape leaves (unprojected parameters' moments): exactly like the
+  parameter;
+* everything else (step counts, schedule state): replicated.
 
 A side made of several parameter axes (e.g. ``output_axis=(1, 2)``) is one
 flattened dimension of the state: it is sharded like the side's first axis of
@@ -93,10 +92,15 @@ class _Leaf:
     side = self.reduction if self.layout.compressed_axis == 0 else self.output
     return self.batch + (side, None)
 
-  def low_rank(self) -> Spec:
-    if self.layout.compressed_axis == 0:
-      return self.batch + (None, self.output)
-    return self.batch + (self.reduction, None)
+  def low_rank(self, spread: bool) -> Spec:
+    compressed, kept = (
+      (self.reduction, self.output)
+      if self.layout.compressed_axis == 0
+      else (self.output, self.reduction)
+    )
+    if spread and kept is None:
+      kept = compressed  # the mesh axes that split the compressed side are free here
+    return self.batch + ((None, kept) if self.layout.compressed_axis == 0 else (kept, None))
 
 
 def state_shardings(
@@ -107,6 +111,7 @@ def state_shardings(
   weight_dimension_numbers: projection_lib.DimensionNumbersOrFn = None,
   rank: int = 128,
   compressed_side: projection_lib.CompressedSide = "smaller",
+  spread_moments: bool = True,
 ) -> Any:
   """Shardings of an optimizer state containing :class:`FiraState`, from the params'.
 
@@ -120,6 +125,13 @@ def state_shardings(
     weight_dimension_numbers: as given to the optimizer.
     rank: as given to the optimizer.
     compressed_side: as given to the optimizer.
+    spread_moments: low-rank moments whose kept side is not sharded in the
+      parameter are split along it over the mesh axes that split the
+      compressed side (which the rank-``r`` moments do not have), ZeRO-style:
+      with FSDP on the compressed side they would otherwise be replicated
+      over the FSDP axis. ``R = PᵀG`` then ends in a reduce-scatter instead
+      of an all-reduce, and ``P N`` gathers ``N`` (rank × kept). False keeps
+      the kept side exactly as the parameter's.
 
   Returns:
     A tree like the state, of the same kind as ``param_shardings``
@@ -141,8 +153,8 @@ def state_shardings(
     >>> specs = fira_jax.state_shardings(tx, params, {'w': P('fsdp'), 'b': P()}, rank=2)
     >>> specs[0].projector['w']  # (8, 2): the compressed side is sharded like w's rows
     P('fsdp', None)
-    >>> specs[0].base_optimizer_state.mu['w']  # (2, 16): rank replicated, kept side like w's
-    P(None, None)
+    >>> specs[0].base_optimizer_state.mu['w']  # (2, 16): rank replicated, kept side spread
+    P(None, 'fsdp')
   """
   if isinstance(tx_or_state, optax.GradientTransformation):
     state = jax.eval_shape(tx_or_state.init, params)
@@ -197,7 +209,7 @@ def state_shardings(
       elif (
         fira_role == "base" and leaf.layout is not None and x.shape == leaf.layout.low_rank_shape
       ):
-        out.append(make(leaf.low_rank()))
+        out.append(make(leaf.low_rank(spread_moments)))
       elif tuple(x.shape) == leaf.shape:
         out.append(leaf.sharding)
       else:
