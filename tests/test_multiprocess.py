@@ -2,9 +2,11 @@
 
 Each worker (``python tests/test_multiprocess.py worker PORT ID OUT``) joins a
 ``jax.distributed`` cluster of 2 processes with 4 CPU devices each, builds the global
-``data=2 x fsdp=4`` mesh over all 8 devices, and trains the tiny network of
-``tests/test_sharding.py`` for 3 steps (two projector refreshes) from the same
-initialization and batches; process 0 writes the gathered parameters.
+``data=2 x fsdp=4`` mesh over all 8 devices, and trains, from the same
+initialization and batches, for 3 steps (two projector refreshes): the tiny network of
+``tests/test_sharding.py`` with ``jax.jit`` shardings, then a tiny stacked-layer LLaMA of the
+examples through ``nnx.Optimizer`` and ``examples/mesh.py``. Process 0 writes the gathered
+parameters.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import sys
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "examples"):
+  if str(path) not in sys.path:
+    sys.path.insert(0, str(path))
 
 from tests import test_sharding as common  # noqa: E402
 
@@ -60,11 +63,61 @@ def test_two_processes_train_like_one(tmp_path):
   assert "processes 2, devices 8, local 4" in logs[0], logs[0][-2000:]
   gathered = dict(np.load(out))
   reference, _ = common.single_device_run("svd", STEPS)
-  assert sorted(gathered) == sorted(reference)
   for name, value in reference.items():
-    np.testing.assert_allclose(gathered[name], np.asarray(value), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gathered[f"mlp/{name}"], np.asarray(value), rtol=1e-5, atol=1e-6)
   # The run moved the parameters: the comparison is not between two initializations.
-  assert not np.allclose(gathered["w1"], np.asarray(common.init_params()["w1"]))
+  assert not np.allclose(gathered["mlp/w1"], np.asarray(common.init_params()["w1"]))
+  # The examples' LLaMA (stacked layers) through the trainer's nnx path and examples/mesh.py.
+  llama = {k.removeprefix("llama/"): v for k, v in gathered.items() if k.startswith("llama/")}
+  expected = llama_run(None)
+  assert sorted(llama) == sorted(expected) and len(llama) > 5
+  errors = {k: np.linalg.norm(llama[k] - v) / np.linalg.norm(v) for k, v in expected.items()}
+  assert max(errors.values()) < 1e-4, errors
+  start = llama_run(None, steps=0)
+  assert min(np.linalg.norm(llama[k] - v) for k, v in start.items() if v.ndim == 3) > 0
+
+
+def llama_run(mesh, steps: int = STEPS) -> dict[str, np.ndarray]:
+  """A tiny stacked-layer LLaMA trained with Fira as examples/train.py does (nnx.Optimizer,
+  nnx.jit, examples/mesh.py placement when ``mesh`` is given); returns its gathered params."""
+  import jax
+  import mesh as mesh_lib
+  import model as model_lib
+  import optim
+  import train
+  from flax import nnx
+  from jax.experimental import multihost_utils
+
+  config = train.Config(scan_layers=True, update_proj_gap=2, steps=STEPS, rank=8, lr=0.01)
+  model_config = model_lib.make_config(
+    "tiny", vocab_size=64, max_seq_len=16, layers=2, hidden=32, ffn=64, scan_layers=True
+  )
+  model = model_lib.Llama(model_config, nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optim.build_optimizer(config, model_config), wrt=nnx.Param)
+  placement = None
+  if mesh is not None:
+    placement = mesh_lib.Placement(mesh, model, optimizer, config, model_config)
+    placement.place(model, optimizer)
+
+  @nnx.jit
+  def step(model, optimizer, batch):
+    grads = nnx.grad(model_lib.next_token_loss)(model, batch)
+    optimizer.update(model, grads)
+    if placement is not None:
+      placement.constrain(model, optimizer)
+
+  tokens = np.random.default_rng(0).integers(0, 64, (steps, 8, 17), dtype=np.int32)
+  for batch in tokens:
+    if mesh is not None:
+      sharding = mesh_lib.batch_sharding(mesh)
+      batch = jax.make_array_from_callback(batch.shape, sharding, lambda i, b=batch: b[i])
+    step(model, optimizer, batch)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  named = {jax.tree_util.keystr(path): value for path, value in flat}
+  if mesh is not None:
+    named = multihost_utils.process_allgather(named, tiled=True)
+  return {k: np.asarray(v) for k, v in named.items()}
 
 
 def worker(port: int, process_id: int, out: str) -> None:
@@ -108,8 +161,10 @@ def worker(port: int, process_id: int, out: str) -> None:
   for batch in common.batches(STEPS):
     params, state = step(params, state, jax.tree.map(global_array, batch, batch_sh))
   gathered = multihost_utils.process_allgather(params, tiled=True)
+  results = {f"mlp/{k}": np.asarray(v) for k, v in gathered.items()}
+  results.update({f"llama/{k}": v for k, v in llama_run(mesh).items()})
   if jax.process_index() == 0:
-    np.savez(out, **{k: np.asarray(v) for k, v in gathered.items()})
+    np.savez(out, **results)
   jax.distributed.shutdown()
 
 

@@ -210,10 +210,10 @@ def test_one_device_holds_about_a_quarter_of_the_state(mesh_results):
 
 
 def test_randomized_refresh_never_gathers_a_full_gradient(mesh_results):
-  # The (64, 96) gradient is sharded (16, 96) per device; the range finder gathers only
-  # tall-skinny (64, rank + oversampling) blocks for its QRs.
+  # The (64, 96) gradient is sharded (16, 96) per device; the range finder may gather
+  # tall-skinny (64, rank + oversampling) blocks (for Householder QRs), nothing larger. The
+  # parser is checked by the exact SVD's gather below.
   gathers = mesh_results["gathers/randomized_svd"]
-  assert gathers, "expected the QRs' small gathers: is the HLO parser still reading the program?"
   assert all(np.prod(shape) < 64 * 96 // 2 for shape in gathers), gathers
 
 
