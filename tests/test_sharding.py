@@ -236,6 +236,19 @@ def pretrain(workdir, corpus, *flags):
   return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+def test_mesh_flag_is_checked_before_training():
+  sys.path.insert(0, str(PRETRAIN.parent))
+  import mesh as mesh_lib
+  import train
+
+  assert mesh_lib.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
+  for bad in ("data=2,tp=4", "data=0", "fsdp", "data=2,data=2"):
+    (problem,) = train.check_config(train.Config(mesh=bad))
+    assert "--mesh" in problem
+  (problem,) = train.check_config(train.Config(mesh="data=3", batch_size=16))
+  assert "--batch-size 16" in problem
+
+
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
   """A small text corpus: the first 30 standard-library modules."""
