@@ -108,18 +108,30 @@ def test_projector_and_moments_follow_the_sharded_dimension():
   assert fira_state.projector["b"] == optax.MaskedNode()
 
 
-def test_state_shardings_tree_matches_the_state_tree():
+def wrapped_optimizers():
+  injected = optax.inject_hyperparams(fira_jax.fira_adamw, static_args=("rank", "update_proj_gap"))
+  return {
+    "svd": make_tx("svd"),
+    "random": make_tx("random"),
+    "multi_steps": optax.MultiSteps(make_tx("svd"), every_k_schedule=2).gradient_transformation(),
+    "inject_hyperparams": injected(1e-2, rank=RANK, weight_dimension_numbers=DIMS),
+    "chain_with_clipping": optax.chain(optax.clip_by_global_norm(1.0), make_tx("svd")),
+  }
+
+
+@pytest.mark.parametrize("name", sorted(wrapped_optimizers()))
+def test_state_shardings_tree_matches_the_state_tree(name):
   params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in SHAPES.items()}
-  for projection in ("svd", "random"):
-    tx = make_tx(projection)
-    state = jax.eval_shape(tx.init, params)
-    specs = fira_jax.state_shardings(tx, params, SPECS, weight_dimension_numbers=DIMS, rank=RANK)
-    is_spec = lambda x: isinstance(x, P)
-    assert jax.tree.structure(state) == jax.tree.structure(specs, is_leaf=is_spec)
-    for x, spec in zip(
-      jax.tree.leaves(state), jax.tree.leaves(specs, is_leaf=is_spec), strict=True
-    ):
-      assert len(spec) <= x.ndim
+  tx = wrapped_optimizers()[name]
+  state = jax.eval_shape(tx.init, params)
+  specs = fira_jax.state_shardings(tx, params, SPECS, weight_dimension_numbers=DIMS, rank=RANK)
+  is_spec = lambda x: isinstance(x, P)
+  assert jax.tree.structure(state) == jax.tree.structure(specs, is_leaf=is_spec)
+  for x, spec in zip(jax.tree.leaves(state), jax.tree.leaves(specs, is_leaf=is_spec), strict=True):
+    assert len(spec) <= x.ndim
+  is_fira = lambda x: isinstance(x, fira_jax.FiraState)
+  projectors = [x.projector["w1"] for x in jax.tree.leaves(specs, is_leaf=is_fira) if is_fira(x)]
+  assert projectors == [optax.MaskedNode() if name == "random" else P("fsdp", None)]
 
 
 def test_moments_keep_the_parameters_kept_side_without_spreading():
