@@ -4,7 +4,8 @@ LLaMA shapes (float32, separate leaves) on a ``data=2 x fsdp=4`` mesh of 8 CPU d
 matrix is split along its input dimension over ``fsdp`` (FSDP), norms are replicated, and the
 optimizer state takes ``fira_jax.state_shardings``. State bytes per device come from the
 shardings (nothing allocated); the update is compiled with those shardings and XLA's memory
-analysis gives its per-device arguments, outputs and temporaries.
+analysis gives its per-device arguments and temporaries. The last rows compile the same
+update for one device, for comparison.
 
   python benchmarks/sharded_memory.py [--model 60M] [--output FILE]
 """
@@ -98,6 +99,22 @@ def main():
         mib(stats.argument_size_in_bytes),
         mib(stats.temp_size_in_bytes),
         mib(stats.argument_size_in_bytes + stats.temp_size_in_bytes),
+      ]
+    )
+  for name in ("optax.adamw", "fira_adamw (svd)", "fira_adamw (random)"):  # for comparison
+    tx, _ = txs[name]
+    state = jax.eval_shape(tx.init, params)
+    update = jax.jit(tx.update, donate_argnums=(0, 1))
+    stats = update.lower(params, state, params).compile().memory_analysis()
+    args_bytes, temp = stats.argument_size_in_bytes, stats.temp_size_in_bytes
+    rows.append(
+      [
+        f"{name}, one device",
+        mib(total_bytes(state)),
+        "",
+        mib(args_bytes),
+        mib(temp),
+        mib(args_bytes + temp),
       ]
     )
   header = [

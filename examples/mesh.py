@@ -36,10 +36,10 @@ def parse_mesh(text: str) -> dict[str, int]:
   return shape
 
 
-def request_cpu_devices(shape: dict[str, int]) -> None:
+def request_cpu_devices(shape: dict[str, int], processes: int = 1) -> None:
   """Gives the CPU backend enough devices for the mesh (before JAX starts a backend)."""
   try:
-    jax.config.update("jax_num_cpu_devices", math.prod(shape.values()))
+    jax.config.update("jax_num_cpu_devices", max(1, math.prod(shape.values()) // processes))
   except RuntimeError:
     pass  # a backend already exists: the device count is what it is
 

@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import cli
+import jax
 import mesh
 import train
 
@@ -31,15 +32,25 @@ def main(argv=None) -> dict:
     help="where checkpoints, metrics.jsonl and loss.png go (default: runs/pretrain)",
   )
   parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --workdir")
+  parser.add_argument(
+    "--num-processes", type=int, help="several processes (hosts): start each with the same flags"
+  )
+  parser.add_argument("--process-id", type=int, default=0, help="this process, 0 .. N-1")
+  parser.add_argument("--coordinator", help="HOST:PORT of process 0 (omit on TPU pods and Slurm)")
   cli.add_config_flags(parser, train.Config, choices=train.FLAG_CHOICES)
   args = parser.parse_args(argv)
   config = cli.config_from_args(train.Config, args)
   problems = train.check_config(config)
   if problems:
     parser.error("; ".join(problems))
+  processes = args.num_processes or 1
   if config.mesh:
-    mesh.request_cpu_devices(mesh.parse_mesh(config.mesh))
-  cli.prepare_workdir(args.workdir, config.resume, args.overwrite)
+    shape = mesh.parse_mesh(config.mesh)
+    mesh.request_cpu_devices(shape, processes)
+  if args.process_id == 0:
+    cli.prepare_workdir(args.workdir, config.resume, args.overwrite)
+  if args.num_processes:  # returns once every process has joined (after process 0's clean-up)
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   try:
     summary = train.train_and_evaluate(config, args.workdir)
   except KeyboardInterrupt:

@@ -183,6 +183,16 @@ class MetricsLog:
     return records
 
 
+class NullLog:
+  """What processes other than the first write: nothing."""
+
+  def write(self, record: dict) -> None:
+    pass
+
+  def read(self) -> list[dict]:
+    return []
+
+
 def plot_losses(records: list[dict], path: pathlib.Path, title: str) -> None:
   import matplotlib
 
@@ -208,7 +218,11 @@ def plot_losses(records: list[dict], path: pathlib.Path, title: str) -> None:
 
 def all_finite(tree) -> bool:
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+  # One jitted reduction: with several processes, each program is a collective, and many
+  # small ones in flight deadlocked the CPU (gloo) run.
+  return bool(
+    jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves)
+  )
 
 
 def evaluate(eval_step, model, batches) -> float:
@@ -362,7 +376,12 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
     nnx.update(model, restored["model"])
     nnx.update(optimizer, restored["optimizer"])
     start_step = step
-  log = MetricsLog(workdir / "metrics.jsonl", start_step if config.resume else None)
+  lead = jax.process_index() == 0  # with several processes, one writes the run's files
+  log = (
+    MetricsLog(workdir / "metrics.jsonl", start_step if config.resume else None)
+    if lead
+    else NullLog()
+  )
 
   def save(step: int) -> None:
     if not config.checkpoints:
@@ -408,9 +427,15 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
   def eval_step(model, batch):
     return model_lib.next_token_loss(model, batch)
 
+  def put(batch):  # every process builds the same global batch and supplies its shards
+    if batch_sharding is None:
+      return jnp.asarray(batch)
+    return jax.make_array_from_callback(batch.shape, batch_sharding, lambda index: batch[index])
+
   val_batches = data_lib.eval_batches(
     corpus.val_tokens, config.batch_size, config.seq_len, config.eval_batches
   )
+  val_batches = [put(b) for b in val_batches]
   tokens_per_step = config.batch_size * config.seq_len
   end_step = (
     config.steps if config.stop_after is None else min(config.steps, start_step + config.stop_after)
@@ -430,7 +455,7 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
   step, window_start, eval_loss = start_step, time.perf_counter(), None
   try:
     for step in range(start_step + 1, end_step + 1):
-      loss = train_step(model, optimizer, jax.device_put(next(batches), batch_sharding))
+      loss = train_step(model, optimizer, put(next(batches)))
       if step % config.log_every == 0 or step == end_step:
         loss = float(loss)
         if not math.isfinite(loss):
@@ -467,7 +492,7 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
   manager.close()
 
   records = log.read()
-  if config.plot:
+  if config.plot and lead:
     plot_losses(
       records, workdir / "loss.png", f"{config.model} / {config.optimizer} (lr {config.lr})"
     )
@@ -485,5 +510,6 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
     "tokens_per_s": float(np.median(rates)) if rates else None,
     "parameters": n_params,
   }
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  if lead:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary

@@ -12,6 +12,7 @@ parameters.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pathlib
 import socket
@@ -19,6 +20,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "examples"):
@@ -75,6 +77,43 @@ def test_two_processes_train_like_one(tmp_path):
   assert max(errors.values()) < 1e-4, errors
   start = llama_run(None, steps=0)
   assert min(np.linalg.norm(llama[k] - v) for k, v in start.items() if v.ndim == 3) > 0
+
+
+@pytest.mark.slow  # three trainer processes: about 90 s on 2 cores
+def test_pretrain_across_two_processes_matches_one_process(tmp_path):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i, source in enumerate(sorted(pathlib.Path(os.__file__).parent.glob("*.py"))[:30]):
+    (corpus / f"doc{i:02d}.txt").write_text(source.read_text()[:20000])
+  single = common.pretrain(tmp_path / "single", corpus, "--scan-layers")
+  workdir = tmp_path / "two"
+  flags = [*common.PRETRAIN_FLAGS, "--workdir", str(workdir), "--data", str(corpus)]
+  flags += ["--scan-layers", "--mesh", "data=2,fsdp=4", "--num-processes", str(PROCESSES)]
+  flags += ["--coordinator", f"localhost:{free_port()}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(common.PRETRAIN), *flags, "--process-id", str(i)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=env,
+    )
+    for i in range(PROCESSES)
+  ]
+  try:
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  two = {r["step"]: r["loss"] for r in records if "loss" in r}
+  assert sorted(two) == sorted(single) == [1, 2, 3, 4]
+  drift = {s: abs(two[s] - single[s]) / single[s] for s in two}
+  assert max(drift.values()) < 1e-3, drift
+  assert (workdir / "checkpoints" / "4").is_dir()  # both processes wrote the final checkpoint
 
 
 def llama_run(mesh, steps: int = STEPS) -> dict[str, np.ndarray]:

@@ -237,11 +237,16 @@ def test_exact_svd_refresh_gathers_the_full_gradient(mesh_results):
 PRETRAIN = pathlib.Path(__file__).resolve().parents[1] / "examples" / "pretrain.py"
 
 
+PRETRAIN_FLAGS = (
+  *("--steps", "4", "--log-every", "1", "--eval-every", "4", "--checkpoint-every", "2"),
+  *("--batch-size", "8", "--seq-len", "16", "--eval-batches", "1", "--update-proj-gap", "2"),
+  *("--no-progress", "--no-plot"),
+)
+
+
 def pretrain(workdir, corpus, *flags):
-  small = ("--steps", "4", "--log-every", "1", "--eval-every", "4", "--checkpoint-every", "2")
-  shape = ("--batch-size", "8", "--seq-len", "16", "--eval-batches", "1", "--update-proj-gap", "2")
   args = [sys.executable, str(PRETRAIN), "--workdir", str(workdir), "--data", str(corpus)]
-  args += [*small, *shape, "--no-progress", "--no-plot", *flags]
+  args += [*PRETRAIN_FLAGS, *flags]
   proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
