@@ -35,7 +35,7 @@ COMPRESSED_SIDES = ("smaller", "larger", "reduction", "output")
 Projection = Literal["svd", "randomized_svd", "random"]
 PROJECTIONS = ("svd", "randomized_svd", "random")
 OVERSAMPLING = 16  # randomized SVD: extra range-finder columns beyond the rank
-POWER_ITERATIONS = 2  # randomized SVD: subspace iterations, each QR-stabilised
+POWER_ITERATIONS = 2  # randomized SVD: subspace iterations, each Cholesky-QR-stabilised
 
 
 class FiraDimensionNumbers(NamedTuple):
@@ -349,6 +349,43 @@ def random_projector(key: jax.Array, compressed_size: int, rank: int, dtype) -> 
   return (scale * jax.random.normal(key, (compressed_size, rank), jnp.float32)).astype(dtype)
 
 
+def _orthonormal_columns(y: jax.Array, shift: float, relative_to: str) -> jax.Array:
+  """One shifted Cholesky-QR pass: ``Y R⁻¹`` with ``RᵀR = YᵀY + s I``, for ``(B, m, ℓ)``.
+
+  Two batched matrix products and an ``ℓ × ℓ`` Cholesky: no Householder QR, so it
+  vmaps and partitions like a matmul. The shift ``s`` (``shift`` times the Gram
+  matrix's trace or largest diagonal entry, plus the smallest normal float) keeps the
+  Cholesky factorization finite when ``Y`` is rank-deficient or ill-conditioned:
+  directions of ``Y`` with ``σ² ≲ s`` come out shrunk towards zero instead of NaN.
+  """
+  gram = jnp.einsum("bmi,bmj->bij", y, y)
+  diagonal = jnp.diagonal(gram, axis1=-2, axis2=-1)
+  scale = jnp.sum(diagonal, -1) if relative_to == "trace" else jnp.max(diagonal, -1)
+  eye = jnp.eye(y.shape[-1], dtype=y.dtype)
+  gram = gram + (shift * scale + jnp.finfo(y.dtype).tiny)[:, None, None] * eye
+  lower = jnp.linalg.cholesky(gram)  # gram = L Lᵀ, so Y = (Y L⁻ᵀ) Lᵀ
+  inverse = jax.lax.linalg.triangular_solve(
+    lower, jnp.broadcast_to(eye, gram.shape), left_side=True, lower=True
+  )
+  return jnp.einsum("bmi,bji->bmj", y, inverse)
+
+
+def _cholesky_qr(y: jax.Array, passes: int) -> jax.Array:
+  """Orthonormal columns spanning ``Y`` (the ``Q`` of a QR), from ``passes`` Cholesky-QRs.
+
+  The first pass is shifted by ``ε tr(YᵀY)``, enough for any float32 ``Y``; later passes
+  see an already well-conditioned matrix and use the much smaller ``ε max diag``, which
+  restores orthonormality to working precision (shifted CholeskyQR3 with
+  ``passes=3``; Fukaya et al., 2020) while still guarding the columns that the first
+  pass shrank, where ``Y`` is rank-deficient.
+  """
+  eps = float(jnp.finfo(y.dtype).eps)
+  y = _orthonormal_columns(y, eps, "trace")
+  for _ in range(passes - 1):
+    y = _orthonormal_columns(y, eps, "max")
+  return y
+
+
 def randomized_svd_projector(
   matrices: jax.Array,
   rank: int,
@@ -363,53 +400,66 @@ def randomized_svd_projector(
   (``A = X`` or ``Xᵀ``), ``ℓ = rank + oversampling`` and a Gaussian ``Ω``:
 
   .. math::
-    Y = A Ω, \quad
-    Y ← A\, \mathrm{qr}(A^\top \mathrm{qr}(Y)) \ (\text{power\_iterations times}), \quad
-    Y = Ũ Σ Ṽ^\top, \quad P = Ũ_{:, :r}
+    Q = \mathrm{orth}(A Ω), \quad
+    Q ← \mathrm{orth}(A\, \mathrm{orth}(A^\top Q)) \ (\text{power\_iterations times}),
 
-  ``Y = A Z`` with ``Z`` an orthonormal basis of (approximately) ``A``'s top
-  right singular subspace, so ``A ≈ Y Zᵀ`` and ``Y``'s left singular vectors
-  are ``A``'s; the last SVD is of a thin ``compressed × ℓ`` matrix. Each power
-  iteration sharpens the spectrum by ``σ²``; the QRs between products keep the
-  columns from collapsing onto the top singular vector in float32. Cost:
-  ``1 + 2q`` products of ``A`` with ``ℓ`` columns and thin QRs/SVD, against a
-  full SVD's ``O(m n min(m, n))`` with a large constant.
+  then, with ``B = QᵀA`` and ``B Bᵀ = U Λ Uᵀ`` (eigenvalues descending),
+  ``P = Q U_{:, :r}`` (Rayleigh-Ritz: the best rank-``r`` basis inside ``Q``'s span).
+  ``orth`` is a shifted Cholesky-QR (three passes for the final ``Q``, one in between,
+  where only the span matters): batched matrix products and ``ℓ × ℓ`` Cholesky and
+  eigendecompositions, no Householder QR and no SVD of a large matrix, so a stacked
+  ``(layers, ·, ·)`` leaf is one batched computation and a sharded gradient is
+  never gathered. Cost: ``2 + 2q`` products of ``A`` with ``ℓ`` columns.
+
+  Where ``A`` has numerical rank below ``ℓ`` (a rank-deficient or zero gradient), the
+  shifts keep everything finite; the basis then still captures all of ``A``'s energy,
+  but its columns beyond that rank are shrunk towards zero rather than arbitrary
+  orthonormal completions (``Pᵀ X`` is then zero on them, as it would be with any
+  completion).
 
   Args:
-    matrices: ``(B, reduction, output)``; the basis is computed in float32.
+    matrices: ``(B, reduction, output)``; the basis is computed in float32, on the
+      matrix divided by its largest magnitude (so that no Gram matrix under- or
+      overflows).
     rank: the number of vectors kept.
     compressed_axis: 0 (reduction side) or 1 (output side).
     keys: ``(B,)`` PRNG keys, one per matrix, for ``Ω``.
     oversampling: ``p``, extra columns of ``Ω`` (default 16). The error beyond
       the best rank-``r`` approximation falls like ``σ_{r+p}`` with ``p``.
-    power_iterations: ``q ≥ 1`` (default 2), passes of ``Aᵀ`` then ``A``; the
-      last one also makes ``Y = A Z`` with ``Z`` orthonormal, which the final
-      SVD needs. More are needed for gradients, whose singular
-      values decay slowly (one iteration captured about 98.9% of the exact
-      basis's energy on LLaMA-1B MLP shapes, two 99.6%).
+    power_iterations: ``q ≥ 0`` (default 2), passes of ``Aᵀ`` then ``A``. Each
+      sharpens the spectrum by ``σ²``; gradients' singular values decay slowly, so
+      ``q = 0`` is poor.
 
   Returns:
-    ``(B, compressed, rank)`` with orthonormal columns, canonical signs, in the
-    gradient's dtype.
+    ``(B, compressed, rank)`` with orthonormal columns (up to the rank-deficient
+    case above), canonical signs, in the gradient's dtype.
 
   References:
     Halko, Martinsson and Tropp, `Finding Structure with Randomness
-    <https://arxiv.org/abs/0909.4061>`_, 2011
+    <https://arxiv.org/abs/0909.4061>`_, 2011; Fukaya, Kannan, Nakatsukasa, Yamamoto and
+    Yanagisawa, `Shifted Cholesky QR for computing the QR factorization of
+    ill-conditioned matrices <https://arxiv.org/abs/1809.11085>`_, 2020
   """
 
-  if power_iterations < 1:
-    # Y = A Ω's left singular vectors are not A's: Ω is not orthonormal.
-    raise ValueError(f"power_iterations must be >= 1, got {power_iterations}.")
-
-  def one(x, key):
-    a = x if compressed_axis == 0 else x.T  # (compressed, other)
-    width = min(rank + oversampling, *a.shape)
-    y = a @ jax.random.normal(key, (a.shape[1], width), jnp.float32)
-    for _ in range(power_iterations):
-      y = a @ jnp.linalg.qr(a.T @ jnp.linalg.qr(y)[0])[0]
-    return jnp.linalg.svd(y, full_matrices=False)[0][:, :rank]
-
-  # lax.map, not vmap: batched QR/SVD on CPU were minutes slower than a loop of unbatched ones
-  # on LLaMA-60M stacked layers (jax 0.10.2).
-  basis = jax.lax.map(lambda args: one(*args), (matrices.astype(jnp.float32), keys))
+  if power_iterations < 0:
+    raise ValueError(f"power_iterations must be >= 0, got {power_iterations}.")
+  x = matrices.astype(jnp.float32)
+  peak = jnp.max(jnp.abs(x), axis=(1, 2), keepdims=True)
+  x = x / jnp.where(peak > 0, peak, 1.0)
+  if compressed_axis == 0:  # A = X
+    times, times_transposed = "bko,bol->bkl", "bko,bkl->bol"
+  else:  # A = Xᵀ
+    times, times_transposed = "bko,bkl->bol", "bko,bol->bkl"
+  compressed, other = (x.shape[1], x.shape[2])[:: 1 if compressed_axis == 0 else -1]
+  width = min(rank + oversampling, compressed, other)
+  omega = jax.vmap(lambda key: jax.random.normal(key, (other, width), jnp.float32))(keys)
+  final_passes = 3
+  q = _cholesky_qr(jnp.einsum(times, x, omega), final_passes if power_iterations == 0 else 1)
+  for i in range(power_iterations):
+    z = _cholesky_qr(jnp.einsum(times_transposed, x, q), 1)
+    last = i == power_iterations - 1
+    q = _cholesky_qr(jnp.einsum(times, x, z), final_passes if last else 1)
+  b = jnp.einsum(times_transposed, x, q)  # Bᵀ = Aᵀ Q, (B, other, ℓ)
+  _, vectors = jnp.linalg.eigh(jnp.einsum("bnl,bnk->blk", b, b))  # ascending eigenvalues
+  basis = jnp.einsum("bml,blr->bmr", q, vectors[..., ::-1][..., :rank])
   return canonical_signs(basis).astype(matrices.dtype)

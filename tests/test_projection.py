@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 
 from fira_jax import projection
 from fira_jax.projection import FiraDimensionNumbers
@@ -135,15 +136,20 @@ def test_svd_projector_keeps_the_gradient_dtype():
   assert projection.svd_projector(x, 2, 1).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("power_iterations", [0, 1, 2])
 @pytest.mark.parametrize("compressed_axis", [0, 1])
-def test_randomized_and_exact_bases_agree_on_a_matrix_of_exact_rank(compressed_axis):
+def test_randomized_and_exact_bases_agree_on_a_matrix_of_exact_rank(
+  compressed_axis, power_iterations
+):
   key_u, key_v, key_o = jax.random.split(jax.random.key(3), 3)
   u = jnp.linalg.qr(jax.random.normal(key_u, (2, 40, 4)))[0]
   v = jnp.linalg.qr(jax.random.normal(key_v, (2, 30, 4)))[0]
   x = jnp.einsum("bkr,r,bor->bko", u, jnp.array([9.0, 5.0, 2.0, 1.0]), v)  # rank 4
   keys = jax.random.split(key_o, 2)
   exact = projection.svd_projector(x, 4, compressed_axis)
-  approx = projection.randomized_svd_projector(x, 4, compressed_axis, keys, power_iterations=1)
+  approx = projection.randomized_svd_projector(
+    x, 4, compressed_axis, keys, power_iterations=power_iterations
+  )
   # same vectors (distinct singular values, canonical signs), hence the same subspace
   np.testing.assert_allclose(approx, exact, atol=1e-4)
   np.testing.assert_allclose(
@@ -187,7 +193,80 @@ def test_random_basis_is_a_function_of_its_key():
   assert not np.allclose(a, c)
 
 
-def test_randomized_basis_rejects_zero_power_iterations():
+def test_randomized_basis_rejects_negative_power_iterations():
   x, keys = jnp.ones((1, 4, 4)), jax.random.split(jax.random.key(0), 1)
-  with pytest.raises(ValueError, match="power_iterations must be >= 1"):
-    projection.randomized_svd_projector(x, 2, 0, keys, power_iterations=0)
+  with pytest.raises(ValueError, match="power_iterations must be >= 0"):
+    projection.randomized_svd_projector(x, 2, 0, keys, power_iterations=-1)
+
+
+def low_rank_matrix(key, shape, singular_values):
+  key_u, key_v = jax.random.split(key)
+  k = len(singular_values)
+  u = jnp.linalg.qr(jax.random.normal(key_u, (shape[0], k)))[0]
+  v = jnp.linalg.qr(jax.random.normal(key_v, (shape[1], k)))[0]
+  return (u * jnp.asarray(singular_values, jnp.float32)) @ v.T
+
+
+@pytest.mark.parametrize("true_rank", [3, 18])  # rank 10 + oversampling 16 = 26 > both
+def test_randomized_basis_of_a_rank_deficient_matrix_is_finite_and_captures_it(true_rank):
+  # Cholesky-QR's usual failure: Y = A Ω has rank < its width, so YᵀY is singular.
+  x = low_rank_matrix(jax.random.key(7), (120, 90), 1.0 + jnp.arange(true_rank))[None]
+  p = projection.randomized_svd_projector(x, 10, 0, jax.random.split(jax.random.key(8), 1))[0]
+  assert bool(jnp.all(jnp.isfinite(p)))
+  exact = projection.svd_projector(x, 10, 0)[0]
+  captured = jnp.linalg.norm(p.T @ x[0]) / jnp.linalg.norm(exact.T @ x[0])
+  np.testing.assert_allclose(captured, 1.0, atol=1e-5)
+  kept = min(true_rank, 10)  # columns in the matrix's range are orthonormal
+  np.testing.assert_allclose(p[:, :kept].T @ p[:, :kept], jnp.eye(kept), atol=1e-5)
+  assert float(jnp.max(jnp.linalg.norm(p, axis=0))) <= 1.0 + 1e-5  # the rest: shrunk
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e30])
+def test_randomized_basis_is_finite_for_zero_tiny_and_huge_gradients(scale):
+  x = scale * jax.random.normal(jax.random.key(9), (1, 40, 30))
+  p = projection.randomized_svd_projector(x, 4, 1, jax.random.split(jax.random.key(0), 1))
+  assert bool(jnp.all(jnp.isfinite(p)))
+  if scale:  # the basis does not depend on the gradient's scale
+    unit = projection.randomized_svd_projector(
+      x / scale, 4, 1, jax.random.split(jax.random.key(0), 1)
+    )
+    np.testing.assert_allclose(p, unit, atol=1e-5)
+
+
+def test_randomized_basis_is_orthonormal_on_an_ill_conditioned_matrix():
+  # σ from 1 to 1e-5 over the range finder's 26 columns: one Cholesky-QR loses
+  # orthogonality like ε κ² ≫ 1 here; the three-pass one must not.
+  x = low_rank_matrix(jax.random.key(10), (200, 150), 10.0 ** (-jnp.arange(60) / 5))[None]
+  p = projection.randomized_svd_projector(x, 10, 0, jax.random.split(jax.random.key(1), 1))[0]
+  np.testing.assert_allclose(p.T @ p, jnp.eye(10), atol=1e-5)
+  exact = projection.svd_projector(x, 10, 0)[0]
+  captured = jnp.linalg.norm(p.T @ x[0]) / jnp.linalg.norm(exact.T @ x[0])
+  np.testing.assert_allclose(captured, 1.0, atol=1e-5)
+
+
+def test_randomized_basis_of_a_batch_equals_each_matrix_alone():
+  x = jax.random.normal(jax.random.key(11), (3, 30, 20))
+  keys = jax.random.split(jax.random.key(12), 3)
+  batched = projection.randomized_svd_projector(x, 4, 0, keys)
+  for b in range(3):
+    alone = projection.randomized_svd_projector(x[b : b + 1], 4, 0, keys[b : b + 1])
+    np.testing.assert_allclose(batched[b : b + 1], alone, atol=1e-5)
+
+
+def test_randomized_basis_uses_no_qr_or_svd_and_no_loop():
+  # Matrix products and small Cholesky/eigh only: a stacked leaf is one batched
+  # computation, and no primitive forces a sharded gradient to be gathered.
+  x = jnp.zeros((4, 24, 40))
+  keys = jax.random.split(jax.random.key(0), 4)
+  jaxpr = jax.make_jaxpr(lambda x: projection.randomized_svd_projector(x, 4, 0, keys))(x)
+  names = set()
+
+  def collect(jaxpr):
+    for eqn in jaxpr.eqns:
+      names.add(eqn.primitive.name)
+      for sub in jax_core.jaxprs_in_params(eqn.params):
+        collect(sub)
+
+  collect(jaxpr.jaxpr)
+  assert names.isdisjoint({"householder_product", "geqrf", "qr", "svd", "scan", "while"}), names
+  assert {"cholesky", "eigh", "dot_general"} <= names
