@@ -349,25 +349,40 @@ def random_projector(key: jax.Array, compressed_size: int, rank: int, dtype) -> 
   return (scale * jax.random.normal(key, (compressed_size, rank), jnp.float32)).astype(dtype)
 
 
+def _per_matrix(fn, *args):
+  """``fn`` on each ``(ℓ, ℓ)`` slice of ``(B, ℓ, ℓ)`` arguments, never on a batch of them.
+
+  jaxlib's batched CPU LAPACK kernels (Cholesky, eigh, …) split their batch over the
+  intra-op thread pool they run in and block until the pieces finish: two of them running
+  concurrently (the factorizations of two stacked leaves) can hold every thread of a
+  two-thread pool and deadlock (jax 0.10.2, observed on 2 cores). Unbatched calls do not
+  fan out, and these matrices are small, so a loop costs little.
+  """
+  if args[0].shape[0] == 1:
+    return jax.tree.map(lambda y: y[None], fn(*(a[0] for a in args)))
+  return jax.lax.map(lambda a: fn(*a), args)
+
+
 def _orthonormal_columns(y: jax.Array, shift: float, relative_to: str) -> jax.Array:
   """One shifted Cholesky-QR pass: ``Y R⁻¹`` with ``RᵀR = YᵀY + s I``, for ``(B, m, ℓ)``.
 
   Two batched matrix products and an ``ℓ × ℓ`` Cholesky: no Householder QR, so it
-  vmaps and partitions like a matmul. The shift ``s`` (``shift`` times the Gram
-  matrix's trace or largest diagonal entry, plus the smallest normal float) keeps the
-  Cholesky factorization finite when ``Y`` is rank-deficient or ill-conditioned:
-  directions of ``Y`` with ``σ² ≲ s`` come out shrunk towards zero instead of NaN.
+  partitions like a matmul. The shift ``s`` (``shift`` times the Gram matrix's trace or
+  largest diagonal entry, plus the smallest normal float) keeps the Cholesky
+  factorization finite when ``Y`` is rank-deficient or ill-conditioned: directions of
+  ``Y`` with ``σ² ≲ s`` come out shrunk towards zero instead of NaN.
   """
   gram = jnp.einsum("bmi,bmj->bij", y, y)
   diagonal = jnp.diagonal(gram, axis1=-2, axis2=-1)
   scale = jnp.sum(diagonal, -1) if relative_to == "trace" else jnp.max(diagonal, -1)
   eye = jnp.eye(y.shape[-1], dtype=y.dtype)
   gram = gram + (shift * scale + jnp.finfo(y.dtype).tiny)[:, None, None] * eye
-  lower = jnp.linalg.cholesky(gram)  # gram = L Lᵀ, so Y = (Y L⁻ᵀ) Lᵀ
-  inverse = jax.lax.linalg.triangular_solve(
-    lower, jnp.broadcast_to(eye, gram.shape), left_side=True, lower=True
-  )
-  return jnp.einsum("bmi,bji->bmj", y, inverse)
+
+  def inverse_factor(gram):  # L⁻¹ with gram = L Lᵀ, so Y = (Y L⁻ᵀ) Lᵀ
+    lower = jnp.linalg.cholesky(gram)
+    return jax.lax.linalg.triangular_solve(lower, eye, left_side=True, lower=True)
+
+  return jnp.einsum("bmi,bji->bmj", y, _per_matrix(inverse_factor, gram))
 
 
 def _cholesky_qr(y: jax.Array, passes: int) -> jax.Array:
@@ -407,9 +422,10 @@ def randomized_svd_projector(
   ``P = Q U_{:, :r}`` (Rayleigh-Ritz: the best rank-``r`` basis inside ``Q``'s span).
   ``orth`` is a shifted Cholesky-QR (three passes for the final ``Q``, one in between,
   where only the span matters): batched matrix products and ``ℓ × ℓ`` Cholesky and
-  eigendecompositions, no Householder QR and no SVD of a large matrix, so a stacked
-  ``(layers, ·, ·)`` leaf is one batched computation and a sharded gradient is
-  never gathered. Cost: ``2 + 2q`` products of ``A`` with ``ℓ`` columns.
+  eigendecompositions (one at a time, see :func:`_per_matrix`), no Householder QR and
+  no SVD of a large matrix, so the products of a stacked ``(layers, ·, ·)`` leaf are
+  batched and a sharded gradient is never gathered. Cost: ``2 + 2q`` products of ``A``
+  with ``ℓ`` columns.
 
   Where ``A`` has numerical rank below ``ℓ`` (a rank-deficient or zero gradient), the
   shifts keep everything finite; the basis then still captures all of ``A``'s energy,
@@ -460,6 +476,6 @@ def randomized_svd_projector(
     last = i == power_iterations - 1
     q = _cholesky_qr(jnp.einsum(times, x, z), final_passes if last else 1)
   b = jnp.einsum(times_transposed, x, q)  # Bᵀ = Aᵀ Q, (B, other, ℓ)
-  _, vectors = jnp.linalg.eigh(jnp.einsum("bnl,bnk->blk", b, b))  # ascending eigenvalues
+  _, vectors = _per_matrix(jnp.linalg.eigh, jnp.einsum("bnl,bnk->blk", b, b))  # ascending
   basis = jnp.einsum("bml,blr->bmr", q, vectors[..., ::-1][..., :rank])
   return canonical_signs(basis).astype(matrices.dtype)

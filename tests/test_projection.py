@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -253,20 +257,47 @@ def test_randomized_basis_of_a_batch_equals_each_matrix_alone():
     np.testing.assert_allclose(batched[b : b + 1], alone, atol=1e-5)
 
 
-def test_randomized_basis_uses_no_qr_or_svd_and_no_loop():
-  # Matrix products and small Cholesky/eigh only: a stacked leaf is one batched
-  # computation, and no primitive forces a sharded gradient to be gathered.
+def test_randomized_basis_uses_no_qr_or_svd_and_no_batched_factorization():
+  # Matrix products and small Cholesky/eigh only, so that no primitive forces a sharded
+  # gradient to be gathered; the factorizations one matrix at a time (batched CPU LAPACK
+  # kernels running concurrently deadlock on two cores).
   x = jnp.zeros((4, 24, 40))
   keys = jax.random.split(jax.random.key(0), 4)
   jaxpr = jax.make_jaxpr(lambda x: projection.randomized_svd_projector(x, 4, 0, keys))(x)
-  names = set()
+  factorizations = []
 
   def collect(jaxpr):
     for eqn in jaxpr.eqns:
       names.add(eqn.primitive.name)
+      if eqn.primitive.name in ("cholesky", "eigh", "triangular_solve"):
+        factorizations.append(eqn.invars[0].aval.shape)
       for sub in jax_core.jaxprs_in_params(eqn.params):
         collect(sub)
 
+  names = set()
   collect(jaxpr.jaxpr)
-  assert names.isdisjoint({"householder_product", "geqrf", "qr", "svd", "scan", "while"}), names
+  assert names.isdisjoint({"householder_product", "geqrf", "qr", "svd"}), names
   assert {"cholesky", "eigh", "dot_general"} <= names
+  assert factorizations and all(len(shape) == 2 for shape in factorizations), factorizations
+
+
+def test_stacked_randomized_bases_do_not_deadlock_on_two_threads():
+  # Four stacked LLaMA-60M-sized leaves refreshed in one jitted function, in a child
+  # limited to two CPUs: with batched Cholesky calls this hung on every try (the
+  # factorizations start from the intra-op pool threads that finish the products).
+  code = (
+    "import os; os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2]);"
+    "import jax; from fira_jax import projection as p;"
+    "k = jax.random.split(jax.random.key(0), 4);"
+    "f = jax.jit(lambda xs: [p.randomized_svd_projector(x, 128, 0, k) for x in xs]);"
+    "xs = [jax.random.normal(jax.random.key(i), (4, 512, 1376 + i)) for i in range(4)];"
+    "[jax.block_until_ready(f(xs)) for _ in range(3)]; print('done')"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  try:
+    proc = subprocess.run(
+      [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+  except subprocess.TimeoutExpired:
+    pytest.fail("the refresh of four stacked leaves did not finish in 120 s (deadlock?)")
+  assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
