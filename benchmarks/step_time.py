@@ -4,16 +4,21 @@ JAX steps are jitted with parameters and optimizer state donated, as training ru
 apply the update to the parameters; the gradient is a fixed random tree. A refresh step is timed
 with ``update_proj_gap=1`` (every step refreshes). Torch optimizers (when importable) run on the
 same shapes in torch's (out, in) layout, timing ``optimizer.step()``. The floor is the two
-projection products alone (R = Pᵀ G and P N for every projected matrix). All timings are medians,
-taken in one run, so the ratios compare like with like.
+projection products alone (R = Pᵀ G and P N for every projected matrix). Candidates are timed
+round-robin (one step of each in turn, ``--repeats`` rounds): the table gives medians, and each
+ratio is the median over rounds of the two candidates' times in the same round, so that load
+from other processes hits both alike.
 
-  python benchmarks/step_time.py [--repeats 7] [--output FILE]
+  python benchmarks/step_time.py [--repeats 7] [--refresh-repeats 3] [--output FILE]
 """
 
 from __future__ import annotations
 
+import gc
 import re
+import statistics
 import sys
+import time
 
 import common  # benchmarks/ is on sys.path when a script here runs
 import jax
@@ -24,6 +29,10 @@ from optax import contrib
 import fira_jax
 
 HIDDEN, FFN, LAYERS, RANK, GAP, ALPHA = common.LLAMA["60M"]
+FIRA = "fira_jax.fira_adamw (svd)"
+STACKED = ", stacked (8, in, out) leaves"
+FLOOR = "floor: the projection products alone"
+TORCH_FIRA = "reference torch FiraAdamW (fira 1.0.2)"
 
 
 def galore_dimension_numbers(params):
@@ -48,11 +57,12 @@ def jax_optimizers(gap, stacked=False):
   txs = {
     "optax.adamw": optax.adamw(0.01),
     "fira_jax.galore_adamw": fira_jax.galore_adamw(0.01, **kw),
-    "fira_jax.fira_adamw (svd)": fira_jax.fira_adamw(0.01, **kw),
+    FIRA: fira_jax.fira_adamw(0.01, **kw),
     "fira_jax.fira_adamw (randomized_svd)": fira_jax.fira_adamw(
       0.01, **kw, projection="randomized_svd"
     ),
     "fira_jax.fira_adamw (random)": fira_jax.fira_adamw(0.01, **kw, projection="random"),
+    "fira_jax.fira_adamw (svd, staggered)": fira_jax.fira_adamw(0.01, **kw, staggered_refresh=True),
   }
   if not stacked:
     txs["optax.contrib.galore"] = contrib.galore(
@@ -61,12 +71,12 @@ def jax_optimizers(gap, stacked=False):
   return txs
 
 
-def time_jax(tx, stacked, repeats):
+def jax_step(tx, stacked):
+  """A function running one donated, jitted step; it is called once here (compile, step 0)."""
   shapes = common.llama_shapes(HIDDEN, FFN, LAYERS, stacked=stacked)
   params = common.concrete(shapes)
   grads = common.concrete(shapes, seed=1, scale=1e-3)
 
-  @jax.jit
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
@@ -79,10 +89,10 @@ def time_jax(tx, stacked, repeats):
     jax.block_until_ready(carry)
 
   once()  # step 0: compile and first projectors
-  return common.median_time(once, repeats)[0]
+  return once
 
 
-def time_floor(repeats):
+def floor_step():
   """The two projection products of every projected matrix, nothing else."""
   shapes = common.llama_shapes(HIDDEN, FFN, LAYERS)
   grads = common.concrete(shapes, seed=1)
@@ -101,7 +111,9 @@ def time_floor(repeats):
     return out
 
   xs = [x for x, _ in pairs]
-  return common.median_time(lambda: jax.block_until_ready(products(xs, projectors)), repeats)[0]
+  once = lambda: jax.block_until_ready(products(xs, projectors))
+  once()
+  return once
 
 
 def torch_optimizers():
@@ -109,29 +121,24 @@ def torch_optimizers():
     import torch
   except ImportError:
     return None, {}
-  makers = {"torch AdamW": lambda low, reg: torch.optim.AdamW(low + reg, lr=0.01)}
+  makers = {"torch AdamW": lambda low, reg, gap: torch.optim.AdamW(low + reg, lr=0.01)}
   try:
     from fira import FiraAdamW
 
-    makers["reference torch FiraAdamW (fira 1.0.2)"] = lambda low, reg, gap=GAP: FiraAdamW(
+    makers[TORCH_FIRA] = lambda low, reg, gap: FiraAdamW(
       [
         {"params": reg},
-        {
-          "params": low,
-          "rank": RANK,
-          "update_proj_gap": gap,
-          "alpha": ALPHA,
-          "proj_type": "std",
-        },
+        {"params": low, "rank": RANK, "update_proj_gap": gap, "alpha": ALPHA, "proj_type": "std"},
       ],
       lr=0.01,
+      no_deprecation_warning=True,
     )
   except ImportError:
     pass
   return torch, makers
 
 
-def time_torch(torch, make, repeats, gap=None):
+def torch_step(torch, make, gap):
   torch.manual_seed(0)
   shapes = common.llama_shapes(HIDDEN, FFN, LAYERS)
   flat = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=common.is_shape)[0]
@@ -142,78 +149,93 @@ def time_torch(torch, make, repeats, gap=None):
     p = torch.nn.Parameter(0.02 * torch.randn(torch_shape))
     p.grad = 1e-3 * torch.randn(torch_shape)
     (low if len(shape) == 2 and regex.search(jax.tree_util.keystr(path)) else reg).append(p)
-  opt = make(low, reg) if gap is None else make(low, reg, gap=gap)
+  opt = make(low, reg, gap)
   opt.step()  # first step: state creation (and the first SVDs)
-  return common.median_time(opt.step, repeats)[0]
+  return opt.step
+
+
+def round_robin(steps, repeats, warmup=1):
+  """Each ``steps[name]()`` timed once per round, ``repeats`` rounds: ``{name: [seconds]}``."""
+  times = {name: [] for name in steps}
+  for _ in range(warmup):
+    for step in steps.values():
+      step()
+  for _ in range(repeats):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - start)
+  for name, ts in times.items():
+    print(f"{name}: {[round(1e3 * t) for t in ts]} ms", file=sys.stderr, flush=True)
+  return times
+
+
+def paired_ratio(a, b):
+  """Median over rounds of ``a / b``: both timed in the same round, so under the same load."""
+  return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def candidates(gap, refresh):
+  log = lambda name: print(f"compiled {name}", file=sys.stderr, flush=True)
+  steps = {}
+  for stacked in (False, True):
+    for name, tx in jax_optimizers(gap, stacked).items():
+      if refresh and (name == "optax.adamw" or "staggered" in name):
+        continue
+      if stacked and name == "optax.adamw":
+        continue
+      name = name + (STACKED if stacked else "")
+      steps[name] = jax_step(tx, stacked)
+      log(name)
+  if not refresh:
+    steps[FLOOR] = floor_step()
+  torch, makers = torch_optimizers()
+  for name, make in makers.items():
+    if not refresh or "Fira" in name:
+      steps[name] = torch_step(torch, make, gap)
+      log(name)
+  return steps
 
 
 def main():
   p = common.parser(__doc__)
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--refresh-repeats", type=int, default=3)
+  p.add_argument("--skip-refresh", action="store_true")
   args = p.parse_args()
-  results = {}  # name -> (plain, refresh)
-  log = lambda name: print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-  for name, tx in jax_optimizers(GAP).items():
-    results[name] = [time_jax(tx, False, args.repeats), None]
-    log(name)
-  for name, tx in jax_optimizers(1).items():
-    if name != "optax.adamw":
-      results[name][1] = time_jax(tx, False, args.refresh_repeats)
-      log(name)
-  for name, tx in jax_optimizers(GAP, stacked=True).items():
-    # randomized/random bases on stacked leaves: step 0 did not finish within minutes in
-    # the first run of this script (under investigation), so only these two are timed
-    if name in ("fira_jax.galore_adamw", "fira_jax.fira_adamw (svd)"):
-      results[name + ", stacked layers"] = [time_jax(tx, True, args.repeats), None]
-      log(name + ", stacked layers")
-  staggered = fira_jax.fira_adamw(
-    0.01,
-    rank=RANK,
-    update_proj_gap=GAP,
-    scale=ALPHA,
-    weight_dimension_numbers=common.fira_dimension_numbers(),
-    staggered_refresh=True,
-  )
-  results["fira_jax.fira_adamw (svd, staggered)"] = [time_jax(staggered, False, args.repeats), None]
-  results["floor: the projection products alone"] = [time_floor(args.repeats), None]
-  torch, makers = torch_optimizers()
-  for name, make in makers.items():
-    plain = time_torch(torch, make, args.repeats)
-    refresh = None
-    if "Fira" in name:
-      refresh = time_torch(torch, make, args.refresh_repeats, gap=1)
-    results[name] = [plain, refresh]
-    log(name)
+  plain = round_robin(candidates(GAP, refresh=False), args.repeats)
+  gc.collect()
+  refresh = {}
+  if not args.skip_refresh:
+    refresh = round_robin(candidates(1, refresh=True), args.refresh_repeats)
 
-  ms = lambda t: "–" if t is None else f"{1e3 * t:,.0f} ms"
-  rows = [[name, ms(plain), ms(refresh)] for name, (plain, refresh) in results.items()]
+  ms = lambda ts: "–" if ts is None else f"{1e3 * statistics.median(ts):,.0f} ms"
+  rows = [[name, ms(ts), ms(refresh.get(name))] for name, ts in plain.items()]
   table = common.markdown_table(
     ["optimizer (LLaMA-60M shapes, rank 128)", "plain step", "refresh step"], rows
   )
-  fira = results["fira_jax.fira_adamw (svd)"][0]
-  ratios = [["optax.contrib.galore", 1.0], ["fira_jax.galore_adamw", 1.05]]
-  ratios += [["reference torch FiraAdamW (fira 1.0.2)", 0.4], ["optax.adamw", None]]
-  ratios += [["floor: the projection products alone", None]]
+  ratios = [["optax.contrib.galore", 1.0], ["fira_jax.galore_adamw", 1.05], [TORCH_FIRA, 0.4]]
+  ratios += [["optax.adamw", None], [FLOOR, None]]
   ratio_rows = []
   for name, goal in ratios:
-    if name in results:
-      r = fira / results[name][0]
+    if name in plain:
+      r = paired_ratio(plain[FIRA], plain[name])
       verdict = "" if goal is None else ("met" if r <= goal else "NOT met")
-      ratio_rows.append([name, f"{r:.2f}×", "–" if goal is None else f"≤ {goal}×", verdict])
-  stacked = results["fira_jax.fira_adamw (svd), stacked layers"][0] / fira
-  ratio_rows.append(
-    [
-      "fira_jax.fira_adamw (svd), separate leaves (stacked ÷ separate)",
-      f"{stacked:.2f}×",
-      "≈ 1×",
-      "",
-    ]
+      ratio_rows.append(
+        [f"{FIRA} ÷ {name}", f"{r:.2f}×", "–" if goal is None else f"≤ {goal}×", verdict]
+      )
+  for name in plain:
+    if name.endswith(STACKED):
+      separate = name.removesuffix(STACKED)
+      for kind, times in (("plain", plain), ("refresh", refresh)):
+        if name in times and separate in times:
+          r = paired_ratio(times[name], times[separate])
+          ratio_rows.append([f"{name} ÷ separate leaves ({kind} step)", f"{r:.2f}×", "≈ 1×", ""])
+  ratio_table = common.markdown_table(["plain step unless stated", "ratio", "goal", ""], ratio_rows)
+  header = (
+    f"Machine: {jax.devices()[0].device_kind}, jax {jax.__version__}, medians of"
+    f" {args.repeats} plain / {args.refresh_repeats} refresh steps, round-robin"
   )
-  ratio_table = common.markdown_table(
-    ["fira_jax.fira_adamw (svd) plain step ÷", "ratio", "goal", ""], ratio_rows
-  )
-  header = f"Machine: {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.repeats} repeats"
   common.emit("\n\n".join([header, table, ratio_table]), args.output)
 
 
