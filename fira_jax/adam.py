@@ -60,12 +60,24 @@ def scale_by_uncorrected_adam(
 
   def update_fn(updates, state, params=None):
     del params
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-    direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+    # Moments are computed in float32 and stored in their own dtype, as torch does
+    # (its "opmath"): a float16 g² would overflow already at |g| > 256.
+    wide = lambda tree: jax.tree.map(
+      lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree
+    )
+    mu = optax.tree.update_moment(wide(updates), wide(state.mu), b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(wide(updates), wide(state.nu), b2, 2)
+    # Where the gradient is NaN or ±Inf, or its square overflows, the direction is NaN for
+    # this step (optax.apply_if_finite can skip it), but the moments keep their values
+    # instead of staying NaN for good.
+    finite = jax.tree.map(lambda v, old: jnp.isfinite(v.astype(old.dtype)), nu, state.nu)
+    direction = jax.tree.map(
+      lambda ok, m, v: jnp.where(ok, m / (jnp.sqrt(v) + eps), jnp.nan), finite, mu, nu
+    )
     direction = optax.tree.cast_like(direction, updates)
-    mu = optax.tree.cast(mu, mu_dtype)
-    nu = optax.tree.cast_like(nu, state.nu)
+    keep_if_bad = lambda ok, new, old: jnp.where(ok, new.astype(old.dtype), old)
+    mu = jax.tree.map(keep_if_bad, finite, mu, state.mu)
+    nu = jax.tree.map(keep_if_bad, finite, nu, state.nu)
     return direction, ScaleByUncorrectedAdamState(mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -48,8 +48,13 @@ def add_decayed_weights_after_step(
     if params is None:
       raise ValueError("weight decay needs the parameters: call update(updates, state, params).")
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    # Integer and boolean parameters are not trained, so not decayed either.
     updates = jax.tree.map(
-      lambda u, p: (u - lr * weight_decay * (p + u)).astype(u.dtype), updates, params
+      lambda u, p: (
+        (u - lr * weight_decay * (p + u)).astype(u.dtype) if projection_lib.is_trainable(p) else u
+      ),
+      updates,
+      params,
     )
     return updates, DecayUpdatedWeightsState(count=optax.safe_int32_increment(state.count))
 

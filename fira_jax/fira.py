@@ -67,9 +67,64 @@ def check_number(name: str, value, low: float, low_inclusive: bool, meaning: str
       raise ValueError(f"{name} must be {meaning}, got {value}.")
 
 
+def check_decay(name: str, value) -> None:
+  """A concrete moment decay must lie in [0, 1); traced or scheduled values pass through."""
+  if isinstance(value, numbers.Real) and not isinstance(value, bool) and not 0 <= value < 1:
+    raise ValueError(f"{name} must be in [0, 1), got {value}.")
+
+
 def check_choice(name: str, value, choices) -> None:
   if value not in choices:
     raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def keep_finite(fresh: jax.Array, stored: jax.Array, due: jax.Array) -> jax.Array:
+  """``fresh[b]`` where slice ``b`` is due and its new basis is finite, else ``stored[b]``.
+
+  An SVD of a gradient with NaN/Inf entries, or one that fails to converge (LAPACK then
+  returns NaN), must not replace a good basis: the projector would stay NaN until the
+  next refresh, ``T`` steps later.
+  """
+  ok = due & jnp.all(jnp.isfinite(fresh), axis=(1, 2))
+  return jnp.where(ok[:, None, None], fresh.astype(stored.dtype), stored)
+
+
+def check_state_shapes(updates, layouts, stored_projectors, stored_norms) -> None:
+  """Raises a ValueError naming the leaf whose shape differs from the one at init."""
+  names = projection_lib.leaf_names(updates)
+  for i, layout in enumerate(layouts):
+    if layout is None:
+      continue
+    for stored, expected, what in (
+      (stored_projectors[i], layout.projector_shape, "projector"),
+      (stored_norms[i], layout.batch_shape, "limiter norm"),
+    ):
+      if not isinstance(stored, optax.MaskedNode) and jnp.shape(stored) != expected:
+        raise ValueError(
+          f"{names[i]} has shape {layout.shape}, but the optimizer state holds a {what} of"
+          f" shape {jnp.shape(stored)} for it (expected {expected}): the state was"
+          " initialized for parameters of another shape, or with other"
+          " weight_dimension_numbers, rank or compressed_side."
+        )
+
+
+def check_base_state_shapes(state, expected) -> None:
+  """Raises a ValueError naming the first base-optimizer state leaf of the wrong shape."""
+  got, got_def = jax.tree_util.tree_flatten_with_path(state)
+  want, want_def = jax.tree_util.tree_flatten_with_path(expected)
+  if got_def != want_def:
+    raise ValueError(
+      "scale_by_fira: the base optimizer's state does not have the structure that the"
+      " updates call for; call init on the parameters you update."
+    )
+  for (path, x), (_, y) in zip(got, want, strict=True):
+    if jnp.shape(x) != jnp.shape(y):
+      raise ValueError(
+        f"optimizer state leaf base_optimizer_state{jax.tree_util.keystr(path)} has shape"
+        f" {jnp.shape(x)}, but the updates call for {jnp.shape(y)}: the state was"
+        " initialized for parameters of another shape, or with other"
+        " weight_dimension_numbers, rank or compressed_side."
+      )
 
 
 def scale_by_fira(
@@ -216,6 +271,9 @@ def scale_by_fira(
     b1 = 0.9 if b1 is None else b1
     b2 = 0.999 if b2 is None else b2
     eps = 1e-6 if eps is None else eps
+    check_decay("b1", b1)
+    check_decay("b2", b2)
+    check_number("eps", eps, 0.0, True, ">= 0")
     base_optimizer = adam.scale_by_uncorrected_adam(b1, b2, eps, mu_dtype)
     correct_step_size = True
   else:
@@ -235,13 +293,22 @@ def scale_by_fira(
 
   stores_projector = projection != "random"
 
+  def low_rank_proxies(tree):
+    """What the base optimizer sees: low-rank zeros for projected leaves, no frozen ones."""
+    leaves, treedef = jax.tree.flatten(tree)
+    layouts = layouts_of(tree)
+    return treedef.unflatten(
+      [
+        (x if projection_lib.is_trainable(x) else optax.MaskedNode())
+        if layout is None
+        else jnp.zeros(layout.low_rank_shape, jnp.asarray(x).dtype)
+        for x, layout in zip(leaves, layouts, strict=True)
+      ]
+    )
+
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
     layouts = layouts_of(params)
-    proxies = [
-      x if layout is None else jnp.zeros(layout.low_rank_shape, jnp.asarray(x).dtype)
-      for x, layout in zip(leaves, layouts, strict=True)
-    ]
     projectors = projection_lib.masked_like(
       leaves,
       layouts,
@@ -258,7 +325,7 @@ def scale_by_fira(
     )
     return FiraState(
       count=jnp.zeros([], jnp.int32),
-      base_optimizer_state=base_optimizer.init(treedef.unflatten(proxies)),
+      base_optimizer_state=base_optimizer.init(low_rank_proxies(params)),
       projector=treedef.unflatten(projectors),
       residual_norm=treedef.unflatten(norms),
     )
@@ -283,8 +350,18 @@ def scale_by_fira(
     leaves, treedef = jax.tree.flatten(updates)
     layouts = layouts_of(updates)
     projected = [i for i, layout in enumerate(layouts) if layout is not None]
-    stored_projectors = treedef.flatten_up_to(state.projector)
-    stored_norms = treedef.flatten_up_to(state.residual_norm)
+    try:
+      stored_projectors = treedef.flatten_up_to(state.projector)
+      stored_norms = treedef.flatten_up_to(state.residual_norm)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+        "scale_by_fira: the updates' tree does not match the tree the state was"
+        f" initialized with; call init on the parameters you update. ({e})"
+      ) from e
+    check_state_shapes(updates, layouts, stored_projectors, stored_norms)
+    check_base_state_shapes(
+      state.base_optimizer_state, jax.eval_shape(base_optimizer.init, low_rank_proxies(updates))
+    )
     matrices = {i: layouts[i].to_matrices(leaves[i]) for i in projected}
     schedule = refresh.schedule_for(layouts, update_proj_gap, staggered_refresh)
     count = state.count
@@ -300,43 +377,65 @@ def scale_by_fira(
         )
         for i in projected
       }
-    elif not staggered_refresh:
-      # Refresh every projector on steps 0, T, 2T, ... (one cond for the tree,
-      # with an unbatched predicate, so the SVDs run only on those steps).
-      def refreshed():
-        return [
-          basis(matrices[i], layouts[i], schedule.matrix_ids[i], schedule.refresh_index(count, i))
-          for i in projected
-        ]
-
-      def kept():
-        return [layouts[i].to_batched(stored_projectors[i]) for i in projected]
-
-      new_projectors = dict(
-        zip(projected, jax.lax.cond(count % update_proj_gap == 0, refreshed, kept), strict=True)
-      )
     else:
-      new_projectors = {
-        i: refresh.refresh_due_slices(
-          matrices[i],
-          layouts[i].to_batched(stored_projectors[i]),
-          schedule.is_due(count, i),
-          lambda x, b, i=i: basis(
-            x,
-            layouts[i],
-            jnp.asarray(schedule.matrix_ids[i])[b][None],
-            schedule.refresh_index(count, i)[b][None],
-          ),
+      stored = {i: layouts[i].to_batched(stored_projectors[i]) for i in projected}
+      # A zero first column: never computed from a finite gradient (init, or every
+      # refresh so far saw NaN/Inf). Such slices refresh on the next step, off schedule.
+      missing = {i: jnp.all(stored[i][..., 0] == 0, axis=-1) for i in projected}
+      if not staggered_refresh:
+        # Refresh every projector on steps 0, T, 2T, ... (one cond for the tree, with an
+        # unbatched predicate, so the SVDs run only on those steps).
+        on_schedule = count % update_proj_gap == 0
+
+        def refreshed():
+          return [
+            keep_finite(
+              basis(
+                matrices[i], layouts[i], schedule.matrix_ids[i], schedule.refresh_index(count, i)
+              ),
+              stored[i],
+              on_schedule | missing[i],
+            )
+            for i in projected
+          ]
+
+        any_missing = jnp.any(jnp.stack([jnp.any(m) for m in missing.values()] or [False]))
+        new_projectors = dict(
+          zip(
+            projected,
+            jax.lax.cond(
+              on_schedule | any_missing, refreshed, lambda: [stored[i] for i in projected]
+            ),
+            strict=True,
+          )
         )
-        for i in projected
-      }
+      else:
+        new_projectors = {
+          i: refresh.refresh_due_slices(
+            matrices[i],
+            stored[i],
+            schedule.is_due(count, i) | missing[i],
+            lambda x, b, i=i: basis(
+              x,
+              layouts[i],
+              jnp.asarray(schedule.matrix_ids[i])[b][None],
+              schedule.refresh_index(count, i)[b][None],
+            ),
+          )
+          for i in projected
+        }
 
     low_rank = {
       i: projection_lib.project(matrices[i], new_projectors[i], layouts[i].compressed_axis)
       for i in projected
     }
+    # Integer, boolean and float0 leaves are not trained: no state, a zero update.
+    frozen = [i for i, g in enumerate(leaves) if not projection_lib.is_trainable(g)]
     base_inputs = [
-      layouts[i].from_batched(low_rank[i]) if i in low_rank else g for i, g in enumerate(leaves)
+      layouts[i].from_batched(low_rank[i])
+      if i in low_rank
+      else (optax.MaskedNode() if i in frozen else g)
+      for i, g in enumerate(leaves)
     ]
     base_outputs, base_state = base_optimizer.update(
       treedef.unflatten(base_inputs), state.base_optimizer_state, None
@@ -345,6 +444,10 @@ def scale_by_fira(
 
     is_first_step = count == 0
     new_leaves = list(base_outputs)
+    for i in frozen:
+      new_leaves[i] = (
+        leaves[i] if leaves[i].dtype == jax.dtypes.float0 else jnp.zeros_like(leaves[i])
+      )
     new_norms = list(stored_norms)
     for i in projected:
       layout, p, r, x = layouts[i], new_projectors[i], low_rank[i], matrices[i]
@@ -390,7 +493,9 @@ def scale_by_fira(
     count = optax.safe_int32_increment(count)
     if correct_step_size:
       step_size = adam.adam_step_size(count, b1, b2)
-      new_leaves = [(step_size * u).astype(u.dtype) for u in new_leaves]
+      new_leaves = [
+        u if i in frozen else (step_size * u).astype(u.dtype) for i, u in enumerate(new_leaves)
+      ]
     new_state = FiraState(
       count=count,
       base_optimizer_state=base_state,

@@ -10,6 +10,13 @@ that sudden gradient growth causes:
 
 On the first step the norm is only recorded. ``‖S_{t-1}‖`` is the norm after
 limiting. The reference hard-codes ``γ = 1.01``.
+
+Where the reference differs: it records ``‖S_0‖`` even when it is 0 (a zero gradient on
+step 0, e.g. a layer whose input is zero-initialised) and from then on lets the norm grow
+from ``10⁻⁸`` by ``γ`` per step, which keeps the residual negligible for thousands of
+steps. Here a recorded norm of exactly 0 (or a step whose norm was not finite and so not
+recorded) means nothing has been recorded yet: the next non-zero norm is recorded
+unlimited, as on the first step.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ def norm_growth_divisor(
     previous_norm: ``(B,)`` float32, each matrix's norm after limiting on the
       previous step.
     growth_limit: ``γ ≥ 1``, the largest allowed ratio of consecutive norms.
-    is_first_step: a boolean scalar; on the first step nothing is limited.
+    is_first_step: a boolean scalar; on the first step nothing is limited (nor
+      where ``previous_norm`` is 0).
 
   Returns:
     ``(λ, ‖x‖ / λ)``, both ``(B,)`` float32. A non-finite norm is not recorded
@@ -50,7 +58,9 @@ def norm_growth_divisor(
   """
   ratio = norm / (previous_norm + LIMITER_EPS)
   divisor = jnp.maximum(ratio, growth_limit) / growth_limit
-  divisor = jnp.where(is_first_step, jnp.ones_like(divisor), divisor)
+  # A zero recorded norm counts as nothing recorded yet (see the module docstring).
+  nothing_recorded = is_first_step | (previous_norm == 0)
+  divisor = jnp.where(nothing_recorded, jnp.ones_like(divisor), divisor)
   new_norm = norm / divisor
   new_norm = jnp.where(jnp.isfinite(new_norm), new_norm, previous_norm)
   return divisor, new_norm
@@ -140,6 +150,10 @@ def clip_by_norm_growth(
     Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
     Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
   """
+
+  if isinstance(growth_limit, (int, float)) and not isinstance(growth_limit, bool):
+    if not growth_limit >= 1:
+      raise ValueError(f"growth_limit must be >= 1, got {growth_limit}.")
 
   def layouts(tree):
     # The limiter has no rank; any positive value keeps every layout.

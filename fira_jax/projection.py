@@ -256,18 +256,26 @@ def leaf_names(tree: Any) -> list[str]:
   return ["parameter " + (jax.tree_util.keystr(path) or "<root>") for path, _ in paths]
 
 
+def is_trainable(leaf: Any) -> bool:
+  """Floating-point leaves are optimized; integer, boolean and ``float0`` ones are not."""
+  return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
 def layouts_for(
   tree: Any,
   weight_dimension_numbers: DimensionNumbersOrFn,
   rank: int,
   compressed_side: CompressedSide = "smaller",
 ) -> list[MatrixLayout | None]:
-  """The layout of every leaf of ``tree`` (None for leaves not projected)."""
+  """The layout of every leaf of ``tree`` (None for leaves not projected).
+
+  Leaves that are not floating point (:func:`is_trainable`) are never projected.
+  """
   specs = resolve_dimension_numbers(weight_dimension_numbers, tree)
   leaves = jax.tree.leaves(tree)
   layouts = []
   for leaf, spec, name in zip(leaves, specs, leaf_names(tree), strict=True):
-    if spec is None:
+    if spec is None or not is_trainable(leaf):
       layouts.append(None)
       continue
     layout = matrix_layout(jnp.shape(leaf), spec, rank, compressed_side, name)

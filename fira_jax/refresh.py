@@ -75,6 +75,8 @@ def projection_keys(seed: int, matrix_ids: jax.Array, refresh_ids: jax.Array) ->
 def refresh_due_slices(matrices: jax.Array, projectors: jax.Array, due: jax.Array, compute):
   """Recomputes ``projectors[b]`` for the slices ``b`` that are due, and only those.
 
+  A slice whose new basis is not finite keeps its stored one.
+
   A ``fori_loop`` over the slices with one ``lax.cond`` each (scalar
   predicates: never turned into a select), inside one ``lax.cond`` that skips
   the loop on steps where no slice is due. Computing every slice's basis and
@@ -91,9 +93,11 @@ def refresh_due_slices(matrices: jax.Array, projectors: jax.Array, due: jax.Arra
   def refresh_slice(b, current):
     def refreshed():
       x = jax.lax.dynamic_slice_in_dim(matrices, b, 1, axis=0)
-      return jax.lax.dynamic_update_slice_in_dim(
-        current, compute(x, b).astype(current.dtype), b, axis=0
-      )
+      fresh = compute(x, b).astype(current.dtype)
+      # A non-finite basis (NaN/Inf gradient, SVD not converged) keeps the stored one.
+      old = jax.lax.dynamic_slice_in_dim(current, b, 1, axis=0)
+      fresh = jnp.where(jnp.all(jnp.isfinite(fresh)), fresh, old)
+      return jax.lax.dynamic_update_slice_in_dim(current, fresh, b, axis=0)
 
     return jax.lax.cond(due[b], refreshed, lambda: current)
 
