@@ -299,7 +299,7 @@ def main(argv=None) -> str:
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/compare"))
-  parser.add_argument("--model", default="tiny")
+  parser.add_argument("--model", default="tiny", choices=sorted(train.model_lib.CONFIGS))
   parser.add_argument("--steps", type=int, default=500)
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--seq-len", type=int, default=128)
@@ -314,8 +314,12 @@ def main(argv=None) -> str:
   parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
   parser.add_argument("--smoke", action="store_true", help="one lr per optimizer (for tests)")
   args = parser.parse_args(argv)
-  if args.seeds < 1:
-    parser.error("--seeds must be at least 1")
+  for flag in ("steps", "batch_size", "seq_len", "update_proj_gap", "eval_every", "eval_batches"):
+    if getattr(args, flag) <= 0:
+      parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+  for flag in ("seeds", "rank_sweep_seeds"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
   args.out.mkdir(parents=True, exist_ok=True)
   results_path = args.out / "results.jsonl"
   results = load_results(results_path)

@@ -339,3 +339,26 @@ def test_finetune_rejects_bad_flags_before_training(tmp_path, capsys, flags, mes
   assert exit_info.value.code == 2
   assert message in capsys.readouterr().err
   assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize(
+  "script, flags, message",
+  [
+    (pretrain, ["--steps", "0"], "--steps must be positive, got 0"),
+    (pretrain, ["--batch-size", "-2"], "--batch-size must be positive, got -2"),
+    (pretrain, ["--model", "huge"], "invalid choice: 'huge'"),
+    (compare, ["--steps", "0"], "--steps must be positive, got 0"),
+    (compare, ["--batch-size", "-1"], "--batch-size must be positive, got -1"),
+    (compare, ["--rank-sweep-seeds", "0"], "--rank-sweep-seeds must be at least 1, got 0"),
+    (compare, ["--model", "huge"], "invalid choice: 'huge'"),
+  ],
+)
+def test_pretrain_and_compare_reject_bad_flags_before_training(
+  tmp_path, capsys, script, flags, message
+):
+  out_flag = "--workdir" if script is pretrain else "--out"
+  with pytest.raises(SystemExit) as exit_info:
+    script.main([out_flag, str(tmp_path / "run"), *flags])
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()
