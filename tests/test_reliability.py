@@ -140,27 +140,36 @@ def test_first_nonzero_residual_after_zero_gradients_is_not_throttled_by_the_lim
 
 @pytest.mark.parametrize("bad_value", [jnp.nan, jnp.inf, -jnp.inf, 1e30])
 @pytest.mark.parametrize("projection_name", PROJECTIONS)
-def test_one_bad_gradient_gives_a_nan_step_and_leaves_the_state_finite(bad_value, projection_name):
+def test_one_bad_gradient_gives_a_non_finite_step_but_a_finite_projector_and_limiter(
+  bad_value, projection_name
+):
   grads = [gaussian(PARAMS, t) for t in range(6)]
   grads[2] = poisoned(grads[2], bad_value)
   updates, states = run(fira(projection=projection_name), grads)
   assert not bool(jnp.all(jnp.isfinite(updates[2]["w"])))  # visible, for apply_if_finite
   for state in states:
-    chex.assert_tree_all_finite(state)
-  chex.assert_tree_all_finite(updates[3:])
+    chex.assert_tree_all_finite((state.projector, state.residual_norm))
 
 
-def test_state_after_a_nan_step_holds_the_previous_moments_of_the_bad_entries():
-  grads = [gaussian(PARAMS, t) for t in range(3)]
-  grads[2] = poisoned(gaussian(PARAMS, 2), jnp.nan)
-  _, states = run(fira(), grads)
-  before, after = states[1].base_optimizer_state, states[2].base_optimizer_state
-  # Projected: R = Pᵀ G mixes the NaN into a whole row of the low-rank moments.
-  nan_rows = ~jnp.isfinite(fira_jax.project(grads[2]["w"][None], states[2].projector["w"][None], 1))
-  np.testing.assert_array_equal(
-    jnp.where(nan_rows[0], before.mu["w"], 0), jnp.where(nan_rows[0], after.mu["w"], 0)
+@pytest.mark.parametrize("bad_value", [jnp.nan, jnp.inf])
+@pytest.mark.parametrize("projection_name", PROJECTIONS)
+def test_apply_if_finite_skips_bad_steps_and_training_continues(bad_value, projection_name):
+  tx = optax.apply_if_finite(
+    fira_jax.fira_adamw(1e-2, rank=4, update_proj_gap=3, projection=projection_name),
+    max_consecutive_errors=3,
   )
-  assert bool(jnp.any(before.mu["w"] != after.mu["w"]))  # the clean rows did move
+  params = PARAMS
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t in range(7):
+    g = gaussian(params, t)
+    if t in (0, 3, 4):  # the first step, a refresh step and the one after
+      g = poisoned(g, bad_value, (t, 1))
+    u, state = update(g, state, params)
+    params = optax.apply_updates(params, u)
+  chex.assert_tree_all_finite((params, state))
+  assert int(state.total_notfinite) == 3
+  assert float(jnp.max(jnp.abs(params["w"]))) > 0  # the good steps trained
 
 
 def test_nan_gradient_on_a_refresh_step_keeps_the_previous_projector():
@@ -207,18 +216,15 @@ def test_svd_failing_after_a_good_refresh_keeps_that_refresh(monkeypatch):
   np.testing.assert_array_equal(state.projector["w"], good)
 
 
-def test_apply_if_finite_skips_inf_steps_and_training_continues():
-  tx = optax.apply_if_finite(fira_jax.fira_adamw(1e-2, rank=4), max_consecutive_errors=3)
-  params = PARAMS
-  state = tx.init(params)
-  for t in range(6):
-    g = gaussian(params, t)
-    if t in (2, 3):
-      g = poisoned(g, jnp.inf, (t, 1))
-    u, state = jax.jit(tx.update)(g, state, params)
-    params = optax.apply_updates(params, u)
-  chex.assert_tree_all_finite((params, state))
-  assert int(state.total_notfinite) == 2
+@pytest.mark.parametrize("projection_name", PROJECTIONS)
+def test_huge_but_representable_gradients_give_the_same_updates_as_unit_ones(projection_name):
+  # Adam's normalisation makes the step scale-free while g² and column norms fit in float32.
+  grads = [gaussian(PARAMS, t) for t in range(4)]
+  huge = [jax.tree.map(lambda x: 1e15 * x, g) for g in grads]
+  updates, _ = run(fira(projection=projection_name), grads)
+  updates_huge, states = run(fira(projection=projection_name), huge)
+  chex.assert_tree_all_finite((updates_huge, states[-1]))
+  chex.assert_trees_all_close(updates_huge, updates, rtol=5e-3, atol=3e-4)  # ε differs in effect
 
 
 # --- Precisions and shapes. -------------------------------------------------------------
