@@ -314,9 +314,10 @@ def main(argv=None) -> str:
   parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
   parser.add_argument("--smoke", action="store_true", help="one lr per optimizer (for tests)")
   args = parser.parse_args(argv)
-  for flag in ("steps", "batch_size", "seq_len", "update_proj_gap", "eval_every", "eval_batches"):
-    if getattr(args, flag) <= 0:
-      parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+  # The trainer's own checks, on a draft of the runs' config, before anything is trained.
+  problems = train.check_config(train_config(args, Run(kind="fira", lr=1e-3)))
+  if problems:
+    parser.error("; ".join(problems))
   for flag in ("seeds", "rank_sweep_seeds"):
     if getattr(args, flag) < 1:
       parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")

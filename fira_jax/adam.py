@@ -65,8 +65,9 @@ def scale_by_uncorrected_adam(
     wide = lambda tree: jax.tree.map(
       lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree
     )
-    mu = optax.tree.update_moment(wide(updates), wide(state.mu), b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(wide(updates), wide(state.nu), b2, 2)
+    g = wide(updates)
+    mu = optax.tree.update_moment(g, wide(state.mu), b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(g, wide(state.nu), b2, 2)
     direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
     direction = optax.tree.cast_like(direction, updates)
     # No finiteness guard here: an element-wise select doubled this memory-bound step on

@@ -78,17 +78,6 @@ def check_choice(name: str, value, choices) -> None:
     raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
 
 
-def keep_finite(fresh: jax.Array, stored: jax.Array, due: jax.Array) -> jax.Array:
-  """``fresh[b]`` where slice ``b`` is due and its new basis is finite, else ``stored[b]``.
-
-  An SVD of a gradient with NaN/Inf entries, or one that fails to converge (LAPACK then
-  returns NaN), must not replace a good basis: the projector would stay NaN until the
-  next refresh, ``T`` steps later.
-  """
-  ok = due & jnp.all(jnp.isfinite(fresh), axis=(1, 2))
-  return jnp.where(ok[:, None, None], fresh.astype(stored.dtype), stored)
-
-
 def check_state_shapes(updates, layouts, stored_projectors, stored_norms) -> None:
   """Raises a ValueError naming the leaf whose shape differs from the one at init."""
   names = projection_lib.leaf_names(updates)
@@ -293,10 +282,9 @@ def scale_by_fira(
 
   stores_projector = projection != "random"
 
-  def low_rank_proxies(tree):
+  def low_rank_proxies(tree, layouts):
     """What the base optimizer sees: low-rank zeros for projected leaves, no frozen ones."""
     leaves, treedef = jax.tree.flatten(tree)
-    layouts = layouts_of(tree)
     return treedef.unflatten(
       [
         (x if projection_lib.is_trainable(x) else optax.MaskedNode())
@@ -325,7 +313,7 @@ def scale_by_fira(
     )
     return FiraState(
       count=jnp.zeros([], jnp.int32),
-      base_optimizer_state=base_optimizer.init(low_rank_proxies(params)),
+      base_optimizer_state=base_optimizer.init(low_rank_proxies(params, layouts)),
       projector=treedef.unflatten(projectors),
       residual_norm=treedef.unflatten(norms),
     )
@@ -360,7 +348,8 @@ def scale_by_fira(
       ) from e
     check_state_shapes(updates, layouts, stored_projectors, stored_norms)
     check_base_state_shapes(
-      state.base_optimizer_state, jax.eval_shape(base_optimizer.init, low_rank_proxies(updates))
+      state.base_optimizer_state,
+      jax.eval_shape(base_optimizer.init, low_rank_proxies(updates, layouts)),
     )
     matrices = {i: layouts[i].to_matrices(leaves[i]) for i in projected}
     schedule = refresh.schedule_for(layouts, update_proj_gap, staggered_refresh)
@@ -389,7 +378,7 @@ def scale_by_fira(
 
         def refreshed():
           return [
-            keep_finite(
+            refresh.keep_finite(
               basis(
                 matrices[i], layouts[i], schedule.matrix_ids[i], schedule.refresh_index(count, i)
               ),

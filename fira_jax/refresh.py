@@ -72,6 +72,17 @@ def projection_keys(seed: int, matrix_ids: jax.Array, refresh_ids: jax.Array) ->
   )
 
 
+def keep_finite(fresh: jax.Array, stored: jax.Array, due: jax.Array) -> jax.Array:
+  """``fresh[b]`` where slice ``b`` is due and its new basis is finite, else ``stored[b]``.
+
+  An SVD of a gradient with NaN/Inf entries, or one that fails to converge (LAPACK then
+  returns NaN), must not replace a good basis: the projector would stay NaN until the
+  next refresh, ``T`` steps later.
+  """
+  ok = due & jnp.all(jnp.isfinite(fresh), axis=(1, 2))
+  return jnp.where(ok[:, None, None], fresh.astype(stored.dtype), stored)
+
+
 def refresh_due_slices(matrices: jax.Array, projectors: jax.Array, due: jax.Array, compute):
   """Recomputes ``projectors[b]`` for the slices ``b`` that are due, and only those.
 
@@ -93,10 +104,8 @@ def refresh_due_slices(matrices: jax.Array, projectors: jax.Array, due: jax.Arra
   def refresh_slice(b, current):
     def refreshed():
       x = jax.lax.dynamic_slice_in_dim(matrices, b, 1, axis=0)
-      fresh = compute(x, b).astype(current.dtype)
-      # A non-finite basis (NaN/Inf gradient, SVD not converged) keeps the stored one.
       old = jax.lax.dynamic_slice_in_dim(current, b, 1, axis=0)
-      fresh = jnp.where(jnp.all(jnp.isfinite(fresh)), fresh, old)
+      fresh = keep_finite(compute(x, b), old, jnp.ones(1, bool))
       return jax.lax.dynamic_update_slice_in_dim(current, fresh, b, axis=0)
 
     return jax.lax.cond(due[b], refreshed, lambda: current)
