@@ -445,8 +445,7 @@ def scale_by_fira(
       if not residual:
         update = projection_lib.project_back(scale * n, p, axis)
       else:
-        phi = scaling_lib.norm_based_scaling_factor(n, r, projection_lib.rank_axis(axis), scaling)
-        phi_r = phi * r.astype(jnp.float32)
+        phi, r_sq = scaling_lib.norm_based_scaling(n, r, projection_lib.rank_axis(axis), scaling)
         # S = φ ⊙ (X − a P R) with a = α (reference) or 1 (paper). φ scales whole
         # columns of the kept side, which P does not mix, so φ ⊙ (P R) = P (φ ⊙ R):
         #   ‖S‖² = ‖φ⊙X‖² − 2a ⟨φ⊙X, P(φ⊙R)⟩ + a² ‖P(φ⊙R)‖²
@@ -457,16 +456,19 @@ def scale_by_fira(
         # matrix products in all (R and one back-projection): no third one for P R.
         a = scale if formulation == "reference" else 1.0
         c = 1.0 if formulation == "reference" else scale
+        # Per channel j of the kept side: ‖X_j‖² here, ‖R_j‖² from the scaling, so that
+        # ‖φ⊙X‖² and ‖φ⊙R‖² are sums over channels, not passes over X or R.
         x_sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis + 1, keepdims=True)
-        phi_x_sq = jnp.sum(jnp.square(phi) * x_sq, axis=(1, 2))
-        phi_r_sq = jnp.sum(jnp.square(phi_r), axis=(1, 2))
+        phi_sq = jnp.square(phi)
         if projection == "random" or p.dtype != jnp.float32:
+          phi_r = phi * r.astype(jnp.float32)
           gram = jnp.einsum("bkr,bks->brs", p, p, preferred_element_type=jnp.float32)
           applied = gram @ phi_r if axis == 0 else phi_r @ gram
           quad = jnp.sum(applied * phi_r, axis=(1, 2))
+          s_sq = jnp.sum(phi_sq * (x_sq - 2 * a * r_sq), axis=(1, 2)) + a * a * quad
         else:  # a float32 SVD basis is orthonormal to working precision: PᵀP = I
-          quad = phi_r_sq
-        s_sq = jnp.maximum(phi_x_sq - 2 * a * phi_r_sq + a * a * quad, 0.0)  # ≥ 0 up to rounding
+          s_sq = jnp.sum(phi_sq * (x_sq - (2 * a - a * a) * r_sq), axis=(1, 2))
+        s_sq = jnp.maximum(s_sq, 0.0)  # ≥ 0 up to rounding
         if use_limiter:
           divisor, norm = limiter.norm_growth_divisor(
             jnp.sqrt(s_sq), jnp.reshape(stored_norms[i], (-1,)), norm_growth_limit, is_first_step
@@ -475,7 +477,8 @@ def scale_by_fira(
           divisor = divisor[:, None, None]
         else:
           divisor = 1.0
-        low = (scale * n.astype(jnp.float32) - (scale / divisor) * phi_r).astype(n.dtype)
+        low = scale * n.astype(jnp.float32) - (scale / divisor) * phi * r.astype(jnp.float32)
+        low = low.astype(n.dtype)
         update = (c * phi / divisor) * x + projection_lib.project_back(low, p, axis)
       new_leaves[i] = layout.from_matrices(update.astype(x.dtype))
 

@@ -43,16 +43,32 @@ def norm_based_scaling_factor(
     float32 factors broadcastable against the full ``(B, reduction, output)`` matrices:
     the rank axis (and for ``"matrix"`` both matrix axes) kept with size 1.
   """
-  if scaling == "column":
-    axes = (rank_axis,)
-  elif scaling == "matrix":
-    axes = (1, 2)
-  else:
+  return norm_based_scaling(base_output, base_input, rank_axis, scaling)[0]
+
+
+def norm_based_scaling(
+  base_output: jax.Array,
+  base_input: jax.Array,
+  rank_axis: int,
+  scaling: Scaling = "column",
+) -> tuple[jax.Array, jax.Array]:
+  """``φ`` (as :func:`norm_based_scaling_factor`) and ``‖R_{:,j}‖²`` per channel.
+
+  The channels' squared input norms (float32, the rank axis kept with size 1) come
+  for free here and give ``‖φ ⊙ R‖² = Σ_j φ_j² ‖R_{:,j}‖²`` without another pass
+  over ``R``.
+  """
+  if scaling not in SCALINGS:
     raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}.")
 
   # Norms accumulate in float32 so that bf16 moments do not lose the ratio.
-  def norm(x):
-    x = x.astype(jnp.float32)
-    return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
+  def channel_sq(x):
+    return jnp.sum(jnp.square(x.astype(jnp.float32)), axis=rank_axis, keepdims=True)
 
-  return norm(base_output) / (norm(base_input) + SCALING_EPS)
+  output_sq, input_sq = channel_sq(base_output), channel_sq(base_input)
+  if scaling == "matrix":
+    output_sq = jnp.sum(output_sq, axis=(1, 2), keepdims=True)
+    total_input_sq = jnp.sum(input_sq, axis=(1, 2), keepdims=True)
+  else:
+    total_input_sq = input_sq
+  return jnp.sqrt(output_sq) / (jnp.sqrt(total_input_sq) + SCALING_EPS), input_sq
