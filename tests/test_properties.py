@@ -275,6 +275,9 @@ def test_stacked_leaf_equals_its_layers_as_separate_leaves(config, layer_growth)
     g = jnp.asarray(scales * rng.standard_normal(config.weight_shape), jnp.float32)
     u_stacked, s_stacked = update_stacked(g, s_stacked)
     u_separate, s_separate = update_separate({k: g[i] for i, k in enumerate(names)}, s_separate)
+    # Batched and single-matrix products round differently (float32), and Adam's
+    # m / (√v + ε) magnifies that in entries of R near ε: hence 1e-4, not 1e-6. A slice
+    # mixed up with another, or a limiter shared across layers, is off by O(1).
     chex.assert_trees_all_close(
-      u_stacked, jnp.stack([u_separate[k] for k in names]), rtol=1e-5, atol=1e-6
+      u_stacked, jnp.stack([u_separate[k] for k in names]), rtol=1e-4, atol=1e-5
     )
