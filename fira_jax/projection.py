@@ -306,8 +306,12 @@ def svd_projector(matrices: jax.Array, rank: int, compressed_axis: int) -> jax.A
   """
 
   def one(x):
-    u, _, vh = jnp.linalg.svd(x, full_matrices=False)
-    return u[:, :rank] if compressed_axis == 0 else vh[:rank, :].T
+    a = x if compressed_axis == 0 else x.T  # rows: the compressed side
+    if a.shape[0] < a.shape[1]:
+      # LAPACK (jaxlib's CPU SVD) is ~1.4x faster on a tall matrix than on a wide one:
+      # decompose aᵀ = V Σ Uᵀ and read a's left singular vectors off its right ones.
+      return jnp.linalg.svd(a.T, full_matrices=False)[2][:rank, :].T
+    return jnp.linalg.svd(a, full_matrices=False)[0][:, :rank]
 
   # lax.map, not one batched SVD: jaxlib's batched CPU LAPACK kernels fan out into the
   # intra-op thread pool they run on, which deadlocks with several CPU devices (pmap or a

@@ -230,8 +230,10 @@ def test_randomized_refresh_never_gathers_a_full_gradient(mesh_results):
 
 
 def test_exact_svd_refresh_gathers_the_full_gradient(mesh_results):
-  # What the README says: LAPACK's SVD needs the whole matrix on each device.
-  assert [64, 96] in mesh_results["gathers/svd"]
+  # What the README says: LAPACK's SVD needs the whole matrix on each device (here its
+  # transpose: the SVD runs on the tall orientation).
+  gathers = mesh_results["gathers/svd"]
+  assert [64, 96] in gathers or [96, 64] in gathers, gathers
 
 
 PRETRAIN = pathlib.Path(__file__).resolve().parents[1] / "examples" / "pretrain.py"
