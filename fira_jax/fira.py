@@ -228,8 +228,10 @@ def scale_by_fira(
     the kept side, ``φ ⊙ (P R) = P (φ ⊙ R)``, so the update is
     ``(φ / λ) ⊙ G + P (α N − (α / λ) φ ⊙ R)`` and
     ``‖S‖² = ‖φ⊙G‖² − 2α‖φ⊙R‖² + α² tr((φ⊙R)ᵀ PᵀP (φ⊙R))``: two matrix
-    products per matrix, as GaLore. ``PᵀP`` is taken as ``I`` for float32 SVD
-    bases and computed for the others. The norm is a difference of squares:
+    products per matrix, as GaLore. ``‖φ⊙G‖²`` and ``‖φ⊙R‖²`` are sums over
+    channels of ``φ_j²`` times the channels' squared norms, the latter already
+    computed for ``φ``. ``PᵀP`` is taken as ``I`` for float32 SVD bases and
+    computed for the others. The norm is a difference of squares:
     when ``‖S‖`` is below about ``10⁻³ ‖φ⊙G‖`` (α near 1 and a gradient
     almost inside the subspace) its float32 rounding error is a few percent,
     which only changes the limiter's ``λ`` for that tiny residual.
