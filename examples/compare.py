@@ -22,6 +22,12 @@ tables) and ``curves.png`` (validation curves) to ``--out``.
 
 from __future__ import annotations
 
+import os
+
+# Before numpy/jaxlib load OpenBLAS: its LAPACK threads (the SVD refresh) would compete
+# with XLA's inside a step (benchmarks/README.md, "Latest numbers").
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import dataclasses
 import json

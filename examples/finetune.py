@@ -11,6 +11,12 @@ perplexity on the fine-tuning text before and after.
 
 from __future__ import annotations
 
+import os
+
+# Before numpy/jaxlib load OpenBLAS: its LAPACK threads (the SVD refresh) would compete
+# with XLA's inside a step (benchmarks/README.md, "Latest numbers").
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import dataclasses
 import math

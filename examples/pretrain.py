@@ -9,6 +9,12 @@ trains the baselines; ``--resume`` continues an interrupted run from its last ch
 
 from __future__ import annotations
 
+import os
+
+# Before numpy/jaxlib load OpenBLAS: its LAPACK threads (the SVD refresh) would compete
+# with XLA's inside a step (benchmarks/README.md, "Latest numbers").
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import pathlib
 import sys
