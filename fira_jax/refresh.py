@@ -110,14 +110,6 @@ def refresh_due_slices(matrices: jax.Array, projectors: jax.Array, due: jax.Arra
 
     return jax.lax.cond(due[b], refreshed, lambda: current)
 
-  if projectors.shape[0] == 1:
-    # One matrix: no loop. Code inside a loop body ran ~2x slower on CPU than the same
-    # code in a plain cond branch.
-    return jax.lax.cond(
-      due[0],
-      lambda: keep_finite(compute(matrices, 0), projectors, jnp.ones(1, bool)),
-      lambda: projectors,
-    )
   return jax.lax.cond(
     jnp.any(due),
     lambda: jax.lax.fori_loop(0, projectors.shape[0], refresh_slice, projectors),
