@@ -25,7 +25,7 @@ SCHEDULES = {"all at once (reference)": False, "staggered": True}
 
 
 def eval_losses(workdir: pathlib.Path) -> dict[int, float]:
-  records = train.MetricsLog(workdir / "metrics.jsonl", resume_step=10**9).read()
+  records = train.read_metrics(workdir / "metrics.jsonl")
   return {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
 
 

@@ -162,7 +162,7 @@ def execute(args, run: Run, results_path: pathlib.Path) -> dict:
     shutil.rmtree(workdir)  # a run that did not finish last time starts again
   start = time.perf_counter()
   summary = train.train_and_evaluate(train_config(args, run), workdir)
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  records = train.read_metrics(workdir / "metrics.jsonl")
   result = dict(
     summary,
     name=run.name,

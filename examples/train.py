@@ -153,6 +153,17 @@ def describe_bytes(n: int) -> str:
   return f"{n / 2**20:.2f} MiB"
 
 
+def read_metrics(path: pathlib.Path) -> list[dict]:
+  """The records of a ``metrics.jsonl``; a truncated last line (a kill mid-write) is dropped."""
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue  # blank, or cut short by a kill
+  return records
+
+
 class MetricsLog:
   """``metrics.jsonl``: appends records; on resume drops those past the restored step.
 
@@ -174,13 +185,7 @@ class MetricsLog:
       f.write(json.dumps(record) + "\n")
 
   def read(self) -> list[dict]:
-    records = []
-    for line in self.path.read_text().splitlines():
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue  # blank, or cut short by a kill
-    return records
+    return read_metrics(self.path)
 
 
 class NullLog:
