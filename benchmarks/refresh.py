@@ -103,7 +103,7 @@ def real_gradients(train_steps=30, grad_batch=32, batch=4, length=257):
 
 def blas_threads():
   """OpenBLAS's thread count now (jaxlib's CPU LAPACK runs through SciPy's OpenBLAS)."""
-  return max(info["num_threads"] for info in threadpoolctl.threadpool_info()) or 1
+  return max((info["num_threads"] for info in threadpoolctl.threadpool_info()), default=1)
 
 
 def time_both_ways(fn, repeats):

@@ -124,8 +124,8 @@ def floor_step(adam_on_the_rest=False):
 
   xs = [x for x, _ in pairs]
   if not adam_on_the_rest:
-    products = jax.jit(products)
-    once = lambda: jax.block_until_ready(products(xs, projectors))
+    products_only = jax.jit(products)
+    once = lambda: jax.block_until_ready(products_only(xs, projectors))
   else:
     step = jax.jit(step, donate_argnums=(0, 1))
     carry = [[0.02 * g for g in rest], adam.init(rest)]
