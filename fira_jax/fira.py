@@ -18,7 +18,6 @@ the paper's version of both.
 
 from __future__ import annotations
 
-import numbers
 from typing import Literal
 from typing import NamedTuple
 
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from fira_jax import adam
+from fira_jax import checks
 from fira_jax import limiter
 from fira_jax import projection as projection_lib
 from fira_jax import refresh
@@ -47,35 +47,6 @@ class FiraState(NamedTuple):
   base_optimizer_state: optax.OptState  # on low-rank shapes for projected leaves
   projector: optax.Updates  # batch_shape + (compressed, rank), the param dtype
   residual_norm: optax.Updates  # float32, batch_shape: the limiter's ‖S_{t-1}‖
-
-
-def check_positive_int(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(
-      f"{name} must be a Python int (it fixes shapes or the schedule and is"
-      f" static), got {value!r} of type {type(value).__name__}. With"
-      " optax.inject_hyperparams, pass static_args=('rank', 'update_proj_gap')."
-    )
-  if value <= 0:
-    raise ValueError(f"{name} must be positive, got {value}.")
-
-
-def check_number(name: str, value, low: float, low_inclusive: bool, meaning: str) -> None:
-  """Checks a concrete hyperparameter; traced or scheduled values pass through."""
-  if isinstance(value, numbers.Real) and not isinstance(value, bool):
-    if value < low or (value == low and not low_inclusive):
-      raise ValueError(f"{name} must be {meaning}, got {value}.")
-
-
-def check_decay(name: str, value) -> None:
-  """A concrete moment decay must lie in [0, 1); traced or scheduled values pass through."""
-  if isinstance(value, numbers.Real) and not isinstance(value, bool) and not 0 <= value < 1:
-    raise ValueError(f"{name} must be in [0, 1), got {value}.")
-
-
-def check_choice(name: str, value, choices) -> None:
-  if value not in choices:
-    raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
 
 
 def check_state_shapes(updates, layouts, stored_projectors, stored_norms) -> None:
@@ -247,24 +218,24 @@ def scale_by_fira(
     Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
     Projection <https://arxiv.org/abs/2403.03507>`_, 2024
   """
-  check_positive_int("rank", rank)
-  check_positive_int("update_proj_gap", update_proj_gap)
-  check_number("scale", scale, 0.0, False, "positive")
-  check_choice("compressed_side", compressed_side, projection_lib.COMPRESSED_SIDES)
-  check_choice("scaling", scaling, scaling_lib.SCALINGS)
-  check_choice("formulation", formulation, FORMULATIONS)
-  check_choice("projection", projection, projection_lib.PROJECTIONS)
+  checks.check_positive_int("rank", rank)
+  checks.check_positive_int("update_proj_gap", update_proj_gap)
+  checks.check_number("scale", scale, 0.0, False, "positive")
+  checks.check_choice("compressed_side", compressed_side, projection_lib.COMPRESSED_SIDES)
+  checks.check_choice("scaling", scaling, scaling_lib.SCALINGS)
+  checks.check_choice("formulation", formulation, FORMULATIONS)
+  checks.check_choice("projection", projection, projection_lib.PROJECTIONS)
   if isinstance(projection_seed, (bool, float)):
     raise TypeError(f"projection_seed must be an int, got {projection_seed!r}.")
   if norm_growth_limit is not None:
-    check_number("norm_growth_limit", norm_growth_limit, 1.0, True, ">= 1 (or None)")
+    checks.check_number("norm_growth_limit", norm_growth_limit, 1.0, True, ">= 1 (or None)")
   if base_optimizer is None:
     b1 = 0.9 if b1 is None else b1
     b2 = 0.999 if b2 is None else b2
     eps = 1e-6 if eps is None else eps
-    check_decay("b1", b1)
-    check_decay("b2", b2)
-    check_number("eps", eps, 0.0, True, ">= 0")
+    checks.check_decay("b1", b1)
+    checks.check_decay("b2", b2)
+    checks.check_number("eps", eps, 0.0, True, ">= 0")
     base_optimizer = adam.scale_by_uncorrected_adam(b1, b2, eps, mu_dtype)
     correct_step_size = True
   else:

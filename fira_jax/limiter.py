@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fira_jax import checks
 from fira_jax import projection
 
 LIMITER_EPS = 1e-8  # the reference's constant, added to the previous norm
@@ -151,9 +152,7 @@ def clip_by_norm_growth(
     Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
   """
 
-  if isinstance(growth_limit, (int, float)) and not isinstance(growth_limit, bool):
-    if not growth_limit >= 1:
-      raise ValueError(f"growth_limit must be >= 1, got {growth_limit}.")
+  checks.check_number("growth_limit", growth_limit, 1.0, True, ">= 1")
 
   def layouts(tree):
     # The limiter has no rank; any positive value keeps every layout.

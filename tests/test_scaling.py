@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -45,3 +47,17 @@ def test_zero_input_gives_a_finite_factor():
 def test_unknown_scaling_is_rejected():
   with pytest.raises(ValueError, match="scaling must be one of"):
     scaling.norm_based_scaling_factor(np.ones((1, 2, 2)), np.ones((1, 2, 2)), 1, "row")
+
+
+@pytest.mark.parametrize("scaling_kind", ["column", "matrix"])
+@pytest.mark.parametrize("rank_axis", [1, 2])
+def test_input_channel_norms_are_the_squared_norms_along_the_rank_axis(scaling_kind, rank_axis):
+  # The second output feeds ‖φ⊙R‖² = Σ_j φ_j² ‖R_j‖² in Fira's residual norm: per channel of
+  # the kept side for either scaling, in float32 even for bf16 inputs.
+  key_n, key_r = jax.random.split(jax.random.key(4))
+  n = jax.random.normal(key_n, (3, 4, 6)).astype(jnp.bfloat16)
+  r = jax.random.normal(key_r, (3, 4, 6)).astype(jnp.bfloat16)
+  _, r_sq = scaling.norm_based_scaling(n, r, rank_axis, scaling_kind)
+  assert r_sq.dtype == jnp.float32
+  expected = np.sum(np.square(np.asarray(r, np.float32)), axis=rank_axis, keepdims=True)
+  chex.assert_trees_all_close(r_sq, expected, rtol=1e-6)
