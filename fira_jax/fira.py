@@ -27,6 +27,7 @@ import optax
 
 from fira_jax import adam
 from fira_jax import checks
+from fira_jax import explicit_sharding
 from fira_jax import limiter
 from fira_jax import projection as projection_lib
 from fira_jax import refresh
@@ -207,6 +208,11 @@ def scale_by_fira(
     almost inside the subspace) its float32 rounding error is a few percent,
     which only changes the limiter's ``λ`` for that tiny residual.
 
+  .. note::
+    Under a mesh with explicit axes (``jax.set_mesh``), the update runs under
+    ``jax.sharding.auto_axes``: partitioned as on an Auto mesh, its outputs sharded like
+    its inputs (:mod:`fira_jax.explicit_sharding`).
+
   .. warning::
     With ``optax.inject_hyperparams``, pass
     ``static_args=('rank', 'update_proj_gap')``.
@@ -249,6 +255,14 @@ def scale_by_fira(
       )
     correct_step_size = False
   use_limiter = residual and norm_growth_limit is not None
+  # The numbers optax.inject_hyperparams passes as arrays. The update takes them as an
+  # argument instead of closing over them, so that under an explicit-axes mesh it can run
+  # under auto_axes with them re-typed like its other inputs (see explicit_sharding).
+  hyperparams = dict(
+    scale=scale, norm_growth_limit=norm_growth_limit, projection_seed=projection_seed
+  )
+  if correct_step_size:
+    hyperparams.update(b1=b1, b2=b2, eps=eps)
 
   def layouts_of(tree):
     return projection_lib.layouts_for(tree, weight_dimension_numbers, rank, compressed_side)
@@ -291,11 +305,11 @@ def scale_by_fira(
       residual_norm=treedef.unflatten(norms),
     )
 
-  def basis(matrices, layout, matrix_ids, refresh_ids):
+  def basis(matrices, layout, matrix_ids, refresh_ids, seed):
     """The basis of ``(n, reduction, output)`` matrices with global ids ``matrix_ids``."""
     if projection == "svd":
       return projection_lib.svd_projector(matrices, layout.rank, layout.compressed_axis)
-    keys = refresh.projection_keys(projection_seed, matrix_ids, refresh_ids)
+    keys = refresh.projection_keys(seed, matrix_ids, refresh_ids)
     if projection == "randomized_svd":
       return projection_lib.randomized_svd_projector(
         matrices, layout.rank, layout.compressed_axis, keys
@@ -306,8 +320,14 @@ def scale_by_fira(
       )
     )(keys)
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, hyperparams):
+    scale, norm_growth_limit = hyperparams["scale"], hyperparams["norm_growth_limit"]
+    seed = hyperparams["projection_seed"]
+    if correct_step_size:
+      b1, b2 = hyperparams["b1"], hyperparams["b2"]
+      base = adam.scale_by_uncorrected_adam(b1, b2, hyperparams["eps"], mu_dtype)
+    else:
+      base = base_optimizer
     leaves, treedef = jax.tree.flatten(updates)
     layouts = layouts_of(updates)
     projected = [i for i, layout in enumerate(layouts) if layout is not None]
@@ -336,6 +356,7 @@ def scale_by_fira(
           layouts[i],
           schedule.matrix_ids[i],
           schedule.refresh_index(count, i),
+          seed,
         )
         for i in projected
       }
@@ -353,7 +374,11 @@ def scale_by_fira(
           return [
             refresh.keep_finite(
               basis(
-                matrices[i], layouts[i], schedule.matrix_ids[i], schedule.refresh_index(count, i)
+                matrices[i],
+                layouts[i],
+                schedule.matrix_ids[i],
+                schedule.refresh_index(count, i),
+                seed,
               ),
               stored[i],
               on_schedule | missing[i],
@@ -382,6 +407,7 @@ def scale_by_fira(
               layouts[i],
               jnp.asarray(schedule.matrix_ids[i])[b][None],
               schedule.refresh_index(count, i)[b][None],
+              seed,
             ),
           )
           for i in projected
@@ -399,7 +425,7 @@ def scale_by_fira(
       else (optax.MaskedNode() if i in frozen else g)
       for i, g in enumerate(leaves)
     ]
-    base_outputs, base_state = base_optimizer.update(
+    base_outputs, base_state = base.update(
       treedef.unflatten(base_inputs), state.base_optimizer_state, None
     )
     base_outputs = treedef.flatten_up_to(base_outputs)
@@ -476,4 +502,6 @@ def scale_by_fira(
     )
     return treedef.unflatten(new_leaves), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(
+    init_fn, explicit_sharding.with_auto_axes(update_fn, hyperparams)
+  )

@@ -41,9 +41,13 @@ GAP = 2  # refreshes on steps 0 and 2 of the 3 steps
 BATCH = 16
 
 
-def make_tx(projection: str) -> optax.GradientTransformation:
-  return fira_jax.fira_adamw(
-    1e-2,
+def make_tx(projection: str, injected: bool = False) -> optax.GradientTransformation:
+  """fira_adamw; ``injected``: its hyperparameters as arrays in the state."""
+  factory = fira_jax.fira_adamw
+  if injected:
+    factory = optax.inject_hyperparams(factory, static_args=("rank", "update_proj_gap"))
+  return factory(
+    learning_rate=1e-2,
     rank=RANK,
     update_proj_gap=GAP,
     scale=0.25,
@@ -236,6 +240,21 @@ def test_exact_svd_refresh_gathers_the_full_gradient(mesh_results):
   assert [64, 96] in gathers or [96, 64] in gathers, gathers
 
 
+EXPLICIT_CASES = ("svd,plain", "randomized_svd,plain", "random,plain", "svd,injected")
+
+
+@pytest.mark.parametrize("case", EXPLICIT_CASES)
+def test_explicit_axes_mesh_step_matches_the_single_device_step(mesh_results, case):
+  # jax.make_mesh's default axis type: the exact SVD and products contracting a sharded axis
+  # would raise ShardingTypeErrors without auto_axes; outputs keep their input's shardings.
+  # "injected": hyperparameters are arrays typed on the explicit mesh.
+  results = {k.split("/")[-1]: v for k, v in mesh_results.items() if f"explicit/{case}/" in k}
+  assert "error" not in results, results["error"]
+  assert results["params_error"] < 1e-5
+  assert results["params_keep_their_specs"]
+  assert results["state_keeps_its_specs"]
+
+
 PRETRAIN = pathlib.Path(__file__).resolve().parents[1] / "examples" / "pretrain.py"
 
 
@@ -329,6 +348,51 @@ def sharded_run(mesh, projection: str, steps: int):
   return params, state, state_sh
 
 
+def explicit_mesh_run(projection: str, steps: int, injected: bool):
+  """The optimizer alone on an Explicit-axes mesh, against the same updates on one device.
+
+  The gradients are fixed trees sharded like the parameters: the model's own products
+  would need explicit output shardings of their own, which is not Fira's business. With
+  ``injected``, the hyperparameters are arrays in the state (``optax.inject_hyperparams``).
+  """
+  from jax.sharding import NamedSharding
+
+  tx = make_tx(projection, injected)
+  grads = [jax.grad(loss_fn)(init_params(), batch) for batch in batches(steps)]
+
+  def step(params, state, g):
+    updates, state = tx.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  reference, state = init_params(), tx.init(init_params())
+  for g in grads:
+    reference, state = jax.jit(step)(reference, state, g)
+  explicit = (jax.sharding.AxisType.Explicit,) * len(MESH_SHAPE)
+  mesh = jax.make_mesh(tuple(MESH_SHAPE.values()), tuple(MESH_SHAPE), axis_types=explicit)
+  with jax.set_mesh(mesh):
+    param_sh = jax.tree.map(lambda spec: NamedSharding(mesh, spec), SPECS)
+    params = jax.device_put(init_params(), param_sh)
+    state_sh = fira_jax.state_shardings(
+      tx, params, param_sh, weight_dimension_numbers=DIMS, rank=RANK
+    )
+    state = jax.jit(tx.init, out_shardings=state_sh)(params)
+    for g in grads:
+      params, state = jax.jit(step)(params, state, jax.device_put(g, param_sh))
+
+  def same_specs(arrays, shardings):
+    padded = lambda spec, ndim: tuple(spec) + (None,) * (ndim - len(spec))
+    return all(
+      padded(jax.typeof(x).sharding.spec, x.ndim) == padded(s.spec, x.ndim)
+      for x, s in zip(jax.tree.leaves(arrays), jax.tree.leaves(shardings), strict=True)
+    )
+
+  return {
+    "params_error": relative_error(params, reference),
+    "params_keep_their_specs": same_specs(params, param_sh),
+    "state_keeps_its_specs": same_specs(state, state_sh),
+  }
+
+
 def relative_error(a, b) -> float:
   errors = [
     float(np.linalg.norm(np.asarray(x) - np.asarray(y)) / (np.linalg.norm(np.asarray(y)) + 1e-12))
@@ -414,6 +478,14 @@ def child_main():
       results["pmap/replicas_agree"] = agree
   for projection in ("svd", "randomized_svd"):
     results[f"gathers/{projection}"] = refresh_gathers(mesh, projection)
+  for case in EXPLICIT_CASES:
+    projection, injected = case.split(",")
+    try:  # a failure here fails only the explicit-mesh tests
+      explicit = explicit_mesh_run(projection, steps, injected == "injected")
+    except Exception as e:
+      explicit = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    for key, value in explicit.items():
+      results[f"explicit/{case}/{key}"] = value
   print("RESULTS " + json.dumps(results))
 
 
