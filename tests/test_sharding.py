@@ -240,6 +240,21 @@ def test_exact_svd_refresh_gathers_the_full_gradient(mesh_results):
   assert [64, 96] in gathers or [96, 64] in gathers, gathers
 
 
+@pytest.mark.parametrize("projection", ["svd", "randomized_svd"])
+@pytest.mark.parametrize("staggered", [False, True])
+def test_stacked_leaf_sharded_on_its_layer_axis_matches_the_single_device_step(
+  mesh_results, projection, staggered
+):
+  # (4, 32, 32) with the layer axis over fsdp = 4: each device holds one layer's projector.
+  results = {
+    k.split("/")[-1]: v
+    for k, v in mesh_results.items()
+    if k.startswith(f"layer_sharded/{projection},{staggered}/")
+  }
+  assert results["params_error"] < 1e-5
+  assert results["projector_shard"] == [1, 32, RANK]
+
+
 EXPLICIT_CASES = ("svd,plain", "randomized_svd,plain", "random,plain", "svd,injected")
 
 
@@ -348,6 +363,57 @@ def sharded_run(mesh, projection: str, steps: int):
   return params, state, state_sh
 
 
+def optimizer_step(tx):
+  def step(params, state, g):
+    updates, state = tx.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def updated_on_one_device(tx, params, grads):
+  """The parameters after ``tx``'s updates with ``grads``, one after the other, unsharded."""
+  step, state = jax.jit(optimizer_step(tx)), tx.init(params)
+  for g in grads:
+    params, state = step(params, state, g)
+  return params
+
+
+def layer_sharded_run(mesh, projection: str, staggered: bool, steps: int):
+  """A stacked ``(layers, in, out)`` leaf FSDP-sharded on its layer axis, on an Auto mesh."""
+  from jax.sharding import NamedSharding
+
+  dims = {"ws": FiraDimensionNumbers(1, 2)}
+  tx = fira_jax.fira_adamw(
+    1e-2,
+    rank=RANK,
+    update_proj_gap=GAP,
+    weight_dimension_numbers=dims,
+    projection=projection,
+    staggered_refresh=staggered,
+  )
+  shape = (MESH_SHAPE["fsdp"], 32, 32)
+  params = {"ws": 0.3 * jax.random.normal(jax.random.key(0), shape)}
+  grads = [{"ws": jax.random.normal(jax.random.key(i + 1), shape)} for i in range(steps)]
+  reference = updated_on_one_device(tx, params, grads)
+  param_sh = {"ws": NamedSharding(mesh, P("fsdp", None, None))}
+  state_sh = fira_jax.state_shardings(
+    tx, params, param_sh, weight_dimension_numbers=dims, rank=RANK
+  )
+  step = jax.jit(
+    optimizer_step(tx),
+    in_shardings=(param_sh, state_sh, param_sh),
+    out_shardings=(param_sh, state_sh),
+  )
+  params, state = jax.device_put(params, param_sh), jax.jit(tx.init, out_shardings=state_sh)(params)
+  for g in grads:
+    params, state = step(params, state, jax.device_put(g, param_sh))
+  return {
+    "params_error": relative_error(params, reference),
+    "projector_shard": list(state[0].projector["ws"].addressable_shards[0].data.shape),
+  }
+
+
 def explicit_mesh_run(projection: str, steps: int, injected: bool):
   """The optimizer alone on an Explicit-axes mesh, against the same updates on one device.
 
@@ -359,14 +425,8 @@ def explicit_mesh_run(projection: str, steps: int, injected: bool):
 
   tx = make_tx(projection, injected)
   grads = [jax.grad(loss_fn)(init_params(), batch) for batch in batches(steps)]
-
-  def step(params, state, g):
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state
-
-  reference, state = init_params(), tx.init(init_params())
-  for g in grads:
-    reference, state = jax.jit(step)(reference, state, g)
+  step = optimizer_step(tx)
+  reference = updated_on_one_device(tx, init_params(), grads)
   explicit = (jax.sharding.AxisType.Explicit,) * len(MESH_SHAPE)
   mesh = jax.make_mesh(tuple(MESH_SHAPE.values()), tuple(MESH_SHAPE), axis_types=explicit)
   with jax.set_mesh(mesh):
@@ -478,6 +538,11 @@ def child_main():
       results["pmap/replicas_agree"] = agree
   for projection in ("svd", "randomized_svd"):
     results[f"gathers/{projection}"] = refresh_gathers(mesh, projection)
+  for projection in ("svd", "randomized_svd"):
+    for staggered in (False, True):
+      run = layer_sharded_run(mesh, projection, staggered, steps)
+      for key, value in run.items():
+        results[f"layer_sharded/{projection},{staggered}/{key}"] = value
   for case in EXPLICIT_CASES:
     projection, injected = case.split(",")
     try:  # a failure here fails only the explicit-mesh tests
