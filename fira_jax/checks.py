@@ -17,9 +17,9 @@ def check_positive_int(name: str, value) -> None:
 
 
 def check_number(name: str, value, low: float, low_inclusive: bool, meaning: str) -> None:
-  """Checks a concrete hyperparameter; traced or scheduled values pass through."""
+  """Checks a concrete hyperparameter (NaN fails); traced or scheduled values pass through."""
   if isinstance(value, numbers.Real) and not isinstance(value, bool):
-    if value < low or (value == low and not low_inclusive):
+    if not (value > low or (low_inclusive and value == low)):
       raise ValueError(f"{name} must be {meaning}, got {value}.")
 
 

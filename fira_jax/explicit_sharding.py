@@ -32,8 +32,11 @@ def with_auto_axes(update_fn, hyperparams: dict[str, Any]) -> optax.TransformUpd
 
   def update(updates, state, params=None):
     del params
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not mesh.explicit_axes:
+    # Explicit sharding's API exists in recent jax only; an older one has no explicit axes.
+    get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = None if get_mesh is None else get_mesh()
+    explicit_axes = () if mesh is None or mesh.empty else getattr(mesh, "explicit_axes", ())
+    if not explicit_axes:
       return update_fn(updates, state, hyperparams)
     arrays = {k: v for k, v in hyperparams.items() if isinstance(v, jax.Array)}
 
@@ -43,8 +46,9 @@ def with_auto_axes(update_fn, hyperparams: dict[str, Any]) -> optax.TransformUpd
     def run(updates, state, arrays):
       return update_fn(updates, state, {**hyperparams, **arrays})
 
-    return jax.sharding.auto_axes(run, out_sharding=(specs(updates), specs(state)))(
-      updates, state, arrays
-    )
+    # Only the explicit axes turn Auto: axes that shard_map made Manual stay Manual.
+    return jax.sharding.auto_axes(
+      run, axes=explicit_axes, out_sharding=(specs(updates), specs(state))
+    )(updates, state, arrays)
 
   return update

@@ -255,8 +255,8 @@ def scale_by_fira(
       )
     correct_step_size = False
   use_limiter = residual and norm_growth_limit is not None
-  # The numbers optax.inject_hyperparams passes as arrays. The update takes them as an
-  # argument instead of closing over them, so that under an explicit-axes mesh it can run
+  # Numeric hyperparameters (arrays under optax.inject_hyperparams). The update takes them as
+  # an argument instead of closing over them, so that under an explicit-axes mesh it can run
   # under auto_axes with them re-typed like its other inputs (see explicit_sharding).
   hyperparams = dict(
     scale=scale, norm_growth_limit=norm_growth_limit, projection_seed=projection_seed
@@ -320,12 +320,12 @@ def scale_by_fira(
       )
     )(keys)
 
-  def update_fn(updates, state, hyperparams):
-    scale, norm_growth_limit = hyperparams["scale"], hyperparams["norm_growth_limit"]
-    seed = hyperparams["projection_seed"]
+  def update_fn(updates, state, hp):
+    # Every numeric hyperparameter from hp (they shadow the factory's arguments on purpose).
+    scale, norm_growth_limit, seed = hp["scale"], hp["norm_growth_limit"], hp["projection_seed"]
     if correct_step_size:
-      b1, b2 = hyperparams["b1"], hyperparams["b2"]
-      base = adam.scale_by_uncorrected_adam(b1, b2, hyperparams["eps"], mu_dtype)
+      b1, b2, eps = hp["b1"], hp["b2"], hp["eps"]
+      base = adam.scale_by_uncorrected_adam(b1, b2, eps, mu_dtype)
     else:
       base = base_optimizer
     leaves, treedef = jax.tree.flatten(updates)

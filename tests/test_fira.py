@@ -315,6 +315,8 @@ class ScaleByFiraTest(chex.TestCase):
     (dict(update_proj_gap=0), ValueError, "update_proj_gap must be positive"),
     (dict(scale=0.0), ValueError, "scale must be positive"),
     (dict(norm_growth_limit=0.9), ValueError, "norm_growth_limit must be >= 1"),
+    (dict(norm_growth_limit=float("nan")), ValueError, "norm_growth_limit must be >= 1"),
+    (dict(scale=float("nan")), ValueError, "scale must be positive"),
     (dict(scaling="row"), ValueError, "scaling must be one of"),
     (dict(formulation="x"), ValueError, "formulation must be one of"),
     (dict(compressed_side="left"), ValueError, "compressed_side must be one of"),

@@ -68,6 +68,8 @@ def run(tx, grads_per_step, params=PARAMS):
     (lambda: fira_jax.fira_adamw(1e-3, eps=-1e-8), ValueError, "eps must be >= 0"),
     (lambda: fira_jax.galore_adamw(1e-3, rank=0), ValueError, "rank must be positive"),
     (lambda: fira_jax.clip_by_norm_growth(0.5), ValueError, "growth_limit must be >= 1"),
+    (lambda: fira_jax.clip_by_norm_growth(np.float32(0.5)), ValueError, "growth_limit must"),
+    (lambda: fira_jax.clip_by_norm_growth(float("nan")), ValueError, "growth_limit must be >= 1"),
     (lambda: fira_jax.fira_adamw(1e-3, projection="svd2"), ValueError, "projection must be"),
   ],
 )

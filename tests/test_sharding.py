@@ -41,7 +41,9 @@ GAP = 2  # refreshes on steps 0 and 2 of the 3 steps
 BATCH = 16
 
 
-def make_tx(projection: str, injected: bool = False) -> optax.GradientTransformation:
+def make_tx(
+  projection: str, injected: bool = False, staggered: bool = False
+) -> optax.GradientTransformation:
   """fira_adamw; ``injected``: its hyperparameters as arrays in the state."""
   factory = fira_jax.fira_adamw
   if injected:
@@ -54,6 +56,7 @@ def make_tx(projection: str, injected: bool = False) -> optax.GradientTransforma
     weight_decay=0.1,
     weight_dimension_numbers=DIMS,
     projection=projection,
+    staggered_refresh=staggered,
   )
 
 
@@ -233,6 +236,14 @@ def test_randomized_refresh_never_gathers_a_full_gradient(mesh_results):
   assert all(np.prod(shape) < 64 * 96 // 2 for shape in gathers), gathers
 
 
+def test_layer_sharded_refresh_gathers_the_whole_stack_for_the_exact_svd_only(mesh_results):
+  # What the README says: the per-layer SVD loop is not partitioned over a sharded layer
+  # axis, so every device gets every layer; the randomized basis gathers small Grams only.
+  assert [4, 64, 96] in mesh_results["gathers/layer_sharded/svd"]
+  gathers = mesh_results["gathers/layer_sharded/randomized_svd"]
+  assert all(np.prod(shape) < 64 * 96 for shape in gathers), gathers
+
+
 def test_exact_svd_refresh_gathers_the_full_gradient(mesh_results):
   # What the README says: LAPACK's SVD needs the whole matrix on each device (here its
   # transpose: the SVD runs on the tall orientation).
@@ -251,11 +262,19 @@ def test_stacked_leaf_sharded_on_its_layer_axis_matches_the_single_device_step(
     for k, v in mesh_results.items()
     if k.startswith(f"layer_sharded/{projection},{staggered}/")
   }
+  assert "error" not in results, results["error"]
   assert results["params_error"] < 1e-5
   assert results["projector_shard"] == [1, 32, RANK]
 
 
-EXPLICIT_CASES = ("svd,plain", "randomized_svd,plain", "random,plain", "svd,injected")
+EXPLICIT_CASES = (
+  "svd,plain",
+  "randomized_svd,plain",
+  "random,plain",
+  "svd,injected",
+  "svd,staggered",
+  "randomized_svd,shard_map",
+)
 
 
 @pytest.mark.parametrize("case", EXPLICIT_CASES)
@@ -414,18 +433,23 @@ def layer_sharded_run(mesh, projection: str, staggered: bool, steps: int):
   }
 
 
-def explicit_mesh_run(projection: str, steps: int, injected: bool):
+def explicit_mesh_run(projection: str, steps: int, variant: str):
   """The optimizer alone on an Explicit-axes mesh, against the same updates on one device.
 
   The gradients are fixed trees sharded like the parameters: the model's own products
-  would need explicit output shardings of their own, which is not Fira's business. With
-  ``injected``, the hyperparameters are arrays in the state (``optax.inject_hyperparams``).
+  would need explicit output shardings of their own, which is not Fira's business.
+  ``variant``: "plain"; "injected" (hyperparameters are arrays in the state, from
+  ``optax.inject_hyperparams``); "staggered"; or "shard_map" (the step inside a
+  ``shard_map`` that makes the data axis Manual, the fsdp axis staying Explicit).
   """
   from jax.sharding import NamedSharding
 
-  tx = make_tx(projection, injected)
+  tx = make_tx(projection, injected=variant == "injected", staggered=variant == "staggered")
   grads = [jax.grad(loss_fn)(init_params(), batch) for batch in batches(steps)]
   step = optimizer_step(tx)
+  if variant == "shard_map":
+    step = jax.shard_map(step, in_specs=(P(), P(), P()), out_specs=(P(), P()), axis_names={"data"})
+  step = jax.jit(step)
   reference = updated_on_one_device(tx, init_params(), grads)
   explicit = (jax.sharding.AxisType.Explicit,) * len(MESH_SHAPE)
   mesh = jax.make_mesh(tuple(MESH_SHAPE.values()), tuple(MESH_SHAPE), axis_types=explicit)
@@ -437,7 +461,7 @@ def explicit_mesh_run(projection: str, steps: int, injected: bool):
     )
     state = jax.jit(tx.init, out_shardings=state_sh)(params)
     for g in grads:
-      params, state = jax.jit(step)(params, state, jax.device_put(g, param_sh))
+      params, state = step(params, state, jax.device_put(g, param_sh))
 
   def same_specs(arrays, shardings):
     padded = lambda spec, ndim: tuple(spec) + (None,) * (ndim - len(spec))
@@ -498,14 +522,18 @@ def all_gathers(hlo: str) -> list[tuple[int, ...]]:
   return shapes
 
 
-def refresh_gathers(mesh, projection: str, shape=(64, 96)):
-  """All-gathers in a compiled refresh step of one FSDP-sharded (in, out) gradient."""
+def refresh_gathers(mesh, projection: str, shape=(64, 96), spec=None, dims=None):
+  """All-gathers in a compiled refresh step of one FSDP-sharded gradient (default (in, out))."""
   from jax.sharding import NamedSharding
 
-  tx = fira_jax.scale_by_fira(rank=8, update_proj_gap=1, projection=projection)
-  param_sh = {"w": NamedSharding(mesh, P("fsdp", None))}
+  spec = P("fsdp", None) if spec is None else spec
+  dims = None if dims is None else {"w": dims}
+  tx = fira_jax.scale_by_fira(
+    rank=8, update_proj_gap=1, projection=projection, weight_dimension_numbers=dims
+  )
+  param_sh = {"w": NamedSharding(mesh, spec)}
   params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=param_sh["w"])}
-  state_sh = fira_jax.state_shardings(tx, params, param_sh, rank=8)
+  state_sh = fira_jax.state_shardings(tx, params, param_sh, weight_dimension_numbers=dims, rank=8)
   state = jax.eval_shape(tx.init, params)
   update = jax.jit(lambda g, s: tx.update(g, s), in_shardings=(param_sh, state_sh))
   hlo = update.lower(params, state).compile().as_text()
@@ -538,19 +566,32 @@ def child_main():
       results["pmap/replicas_agree"] = agree
   for projection in ("svd", "randomized_svd"):
     results[f"gathers/{projection}"] = refresh_gathers(mesh, projection)
+    results[f"gathers/layer_sharded/{projection}"] = refresh_gathers(
+      mesh,
+      projection,
+      (MESH_SHAPE["fsdp"], 64, 96),
+      P("fsdp", None, None),
+      FiraDimensionNumbers(1, 2),
+    )
+
+  def record(prefix, run, *args):
+    try:  # a failure here fails only the tests that read this prefix
+      values = run(*args)
+    except Exception as e:
+      values = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    for key, value in values.items():
+      results[f"{prefix}/{key}"] = value
+
   for projection in ("svd", "randomized_svd"):
     for staggered in (False, True):
-      run = layer_sharded_run(mesh, projection, staggered, steps)
-      for key, value in run.items():
-        results[f"layer_sharded/{projection},{staggered}/{key}"] = value
+      record(
+        f"layer_sharded/{projection},{staggered}",
+        layer_sharded_run,
+        *(mesh, projection, staggered, steps),
+      )
   for case in EXPLICIT_CASES:
-    projection, injected = case.split(",")
-    try:  # a failure here fails only the explicit-mesh tests
-      explicit = explicit_mesh_run(projection, steps, injected == "injected")
-    except Exception as e:
-      explicit = {"error": f"{type(e).__name__}: {e}"[:1000]}
-    for key, value in explicit.items():
-      results[f"explicit/{case}/{key}"] = value
+    projection, variant = case.split(",")
+    record(f"explicit/{case}", explicit_mesh_run, projection, steps, variant)
   print("RESULTS " + json.dumps(results))
 
 
