@@ -342,7 +342,7 @@ def scale_by_fira(
     check_state_shapes(updates, layouts, stored_projectors, stored_norms)
     check_base_state_shapes(
       state.base_optimizer_state,
-      jax.eval_shape(base_optimizer.init, low_rank_proxies(updates, layouts)),
+      jax.eval_shape(base.init, low_rank_proxies(updates, layouts)),
     )
     matrices = {i: layouts[i].to_matrices(leaves[i]) for i in projected}
     schedule = refresh.schedule_for(layouts, update_proj_gap, staggered_refresh)

@@ -251,17 +251,20 @@ def test_exact_svd_refresh_gathers_the_full_gradient(mesh_results):
   assert [64, 96] in gathers or [96, 64] in gathers, gathers
 
 
+def recorded(mesh_results, prefix: str) -> dict:
+  """The values the child process recorded under ``prefix/`` (see ``record``), by name."""
+  return {
+    k.removeprefix(f"{prefix}/"): v for k, v in mesh_results.items() if k.startswith(f"{prefix}/")
+  }
+
+
 @pytest.mark.parametrize("projection", ["svd", "randomized_svd"])
 @pytest.mark.parametrize("staggered", [False, True])
 def test_stacked_leaf_sharded_on_its_layer_axis_matches_the_single_device_step(
   mesh_results, projection, staggered
 ):
   # (4, 32, 32) with the layer axis over fsdp = 4: each device holds one layer's projector.
-  results = {
-    k.split("/")[-1]: v
-    for k, v in mesh_results.items()
-    if k.startswith(f"layer_sharded/{projection},{staggered}/")
-  }
+  results = recorded(mesh_results, f"layer_sharded/{projection},{staggered}")
   assert "error" not in results, results["error"]
   assert results["params_error"] < 1e-5
   assert results["projector_shard"] == [1, 32, RANK]
@@ -282,7 +285,7 @@ def test_explicit_axes_mesh_step_matches_the_single_device_step(mesh_results, ca
   # jax.make_mesh's default axis type: the exact SVD and products contracting a sharded axis
   # would raise ShardingTypeErrors without auto_axes; outputs keep their input's shardings.
   # "injected": hyperparameters are arrays typed on the explicit mesh.
-  results = {k.split("/")[-1]: v for k, v in mesh_results.items() if f"explicit/{case}/" in k}
+  results = recorded(mesh_results, f"explicit/{case}")
   assert "error" not in results, results["error"]
   assert results["params_error"] < 1e-5
   assert results["params_keep_their_specs"]
@@ -360,26 +363,35 @@ def single_device_run(projection: str, steps: int):
   return params, state
 
 
+def run_on_mesh(tx, params, param_sh, dims, step, inputs, input_sh):
+  """``step(params, state, x)`` for each ``x``, with the state sharded by ``state_shardings``.
+
+  Returns the final parameters, the final state and the state's shardings.
+  """
+  state_sh = fira_jax.state_shardings(
+    tx, params, param_sh, weight_dimension_numbers=dims, rank=RANK
+  )
+  params = jax.device_put(params, param_sh)
+  state = jax.jit(tx.init, out_shardings=state_sh)(params)
+  step = jax.jit(
+    step,
+    in_shardings=(param_sh, state_sh, input_sh),
+    out_shardings=(param_sh, state_sh),
+  )
+  for x in inputs:
+    params, state = step(params, state, jax.device_put(x, input_sh))
+  return params, state, state_sh
+
+
 def sharded_run(mesh, projection: str, steps: int):
   from jax.sharding import NamedSharding
 
   tx = make_tx(projection)
   shard = lambda spec: NamedSharding(mesh, spec)
   param_sh = jax.tree.map(shard, SPECS)
-  params = jax.device_put(init_params(), param_sh)
-  state_sh = fira_jax.state_shardings(
-    tx, params, param_sh, weight_dimension_numbers=DIMS, rank=RANK
-  )
-  state = jax.jit(tx.init, out_shardings=state_sh)(params)
   batch_sh = (shard(BATCH_SPEC), shard(BATCH_SPEC))
-  step = jax.jit(
-    functools.partial(train_step, tx),
-    in_shardings=(param_sh, state_sh, batch_sh),
-    out_shardings=(param_sh, state_sh),
-  )
-  for batch in batches(steps):
-    params, state = step(params, state, jax.device_put(batch, batch_sh))
-  return params, state, state_sh
+  step = functools.partial(train_step, tx)
+  return run_on_mesh(tx, init_params(), param_sh, DIMS, step, batches(steps), batch_sh)
 
 
 def optimizer_step(tx):
@@ -416,17 +428,7 @@ def layer_sharded_run(mesh, projection: str, staggered: bool, steps: int):
   grads = [{"ws": jax.random.normal(jax.random.key(i + 1), shape)} for i in range(steps)]
   reference = updated_on_one_device(tx, params, grads)
   param_sh = {"ws": NamedSharding(mesh, P("fsdp", None, None))}
-  state_sh = fira_jax.state_shardings(
-    tx, params, param_sh, weight_dimension_numbers=dims, rank=RANK
-  )
-  step = jax.jit(
-    optimizer_step(tx),
-    in_shardings=(param_sh, state_sh, param_sh),
-    out_shardings=(param_sh, state_sh),
-  )
-  params, state = jax.device_put(params, param_sh), jax.jit(tx.init, out_shardings=state_sh)(params)
-  for g in grads:
-    params, state = step(params, state, jax.device_put(g, param_sh))
+  params, state, _ = run_on_mesh(tx, params, param_sh, dims, optimizer_step(tx), grads, param_sh)
   return {
     "params_error": relative_error(params, reference),
     "projector_shard": list(state[0].projector["ws"].addressable_shards[0].data.shape),
@@ -584,11 +586,8 @@ def child_main():
 
   for projection in ("svd", "randomized_svd"):
     for staggered in (False, True):
-      record(
-        f"layer_sharded/{projection},{staggered}",
-        layer_sharded_run,
-        *(mesh, projection, staggered, steps),
-      )
+      prefix = f"layer_sharded/{projection},{staggered}"
+      record(prefix, layer_sharded_run, mesh, projection, staggered, steps)
   for case in EXPLICIT_CASES:
     projection, variant = case.split(",")
     record(f"explicit/{case}", explicit_mesh_run, projection, steps, variant)
