@@ -88,6 +88,27 @@ def check_base_state_shapes(state, expected) -> None:
       )
 
 
+CANCELLATION = 1e-3  # ‖S‖² below this share of ‖φ⊙G‖² is recomputed from S itself
+
+
+def exact_where_cancelled(s_sq, phi_x_sq, phi, x, a, r, p, axis):
+  """``‖S‖²`` per matrix, recomputed from ``S = φ ⊙ (X − a back(R))`` where the
+  difference of squares ``‖φ⊙X‖² − …`` cancels (a residual far smaller than ``φ⊙X``).
+
+  There, float32 rounding of the difference is larger than ``‖S‖²`` itself, and the limiter
+  would record noise that then governs many steps. The extra back-projection runs only on
+  steps where some matrix of the leaf cancels (a ``lax.cond``).
+  """
+  cancelled = s_sq <= CANCELLATION * phi_x_sq
+
+  def from_residual():
+    back = projection_lib.project_back(r.astype(jnp.float32), p.astype(jnp.float32), axis)
+    exact = jnp.sum(jnp.square(phi * (x.astype(jnp.float32) - a * back)), axis=(1, 2))
+    return jnp.where(cancelled, exact, s_sq)
+
+  return jax.lax.cond(jnp.any(cancelled), from_residual, lambda: jnp.maximum(s_sq, 0.0))
+
+
 def scale_by_fira(
   rank: int = 128,
   update_proj_gap: int = 200,
@@ -203,10 +224,10 @@ def scale_by_fira(
     products per matrix, as GaLore. ``‖φ⊙G‖²`` and ``‖φ⊙R‖²`` are sums over
     channels of ``φ_j²`` times the channels' squared norms, the latter already
     computed for ``φ``. ``PᵀP`` is taken as ``I`` for float32 SVD bases and
-    computed for the others. The norm is a difference of squares:
-    when ``‖S‖`` is below about ``10⁻³ ‖φ⊙G‖`` (α near 1 and a gradient
-    almost inside the subspace) its float32 rounding error is a few percent,
-    which only changes the limiter's ``λ`` for that tiny residual.
+    computed for the others. A difference of squares cancels when ``‖S‖²`` is
+    below ``10⁻³ ‖φ⊙G‖²`` (α near 1 and a gradient almost inside the
+    subspace): on such steps ``‖S‖`` is recomputed from ``S`` itself, as the
+    reference computes it (one more product, under a ``lax.cond``).
 
   .. note::
     Under a mesh with explicit axes (``jax.set_mesh``), the update runs under
@@ -467,7 +488,9 @@ def scale_by_fira(
           s_sq = jnp.sum(phi_sq * (x_sq - 2 * a * r_sq), axis=(1, 2)) + a * a * quad
         else:  # a float32 SVD basis is orthonormal to working precision: PᵀP = I
           s_sq = jnp.sum(phi_sq * (x_sq - (2 * a - a * a) * r_sq), axis=(1, 2))
-        s_sq = jnp.maximum(s_sq, 0.0)  # ≥ 0 up to rounding
+        s_sq = exact_where_cancelled(
+          s_sq, jnp.sum(phi_sq * x_sq, axis=(1, 2)), phi, x, a, r, p, axis
+        )
         if use_limiter:
           divisor, norm = limiter.norm_growth_divisor(
             jnp.sqrt(s_sq), jnp.reshape(stored_norms[i], (-1,)), norm_growth_limit, is_first_step

@@ -151,3 +151,19 @@ def test_fira_adamw_matches_live_reference(case):
   for layout in ("in_out", "out_in"):
     ours = run_fira_jax(w0, grads, projected=projected, layout=layout, **hparams)
     assert_trajectories_match(ours, reference)
+
+
+@pytest.mark.parity
+def test_limiter_norm_of_a_vanishing_residual_matches_live_reference():
+  # α = 1 and a step-0 gradient inside the rank-1 subspace: ‖S₀‖ is pure rounding, and the
+  # limiter then governs hundreds of steps by it, so it must be computed as the reference does.
+  pytest.importorskip("torch")
+  pytest.importorskip("fira")
+  shapes = {"w": (8, 6)}
+  w0, grads = reference_fira.random_problem(3, shapes, 300)
+  grads[0] = {"w": np.ones((8, 6), np.float32)}
+  hparams = dict(rank=1, update_proj_gap=200, alpha=1.0, lr=1e-3)
+  reference = reference_fira.run_reference(w0, grads, projected=["w"], **hparams)
+  for layout in ("in_out", "out_in"):
+    ours = run_fira_jax(w0, grads, projected=["w"], layout=layout, **hparams)
+    assert_trajectories_match(ours, reference)

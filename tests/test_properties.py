@@ -221,8 +221,8 @@ def test_limiter_never_lets_the_residual_norm_grow_faster_than_the_factor_given(
         applied = full - config.alpha * back
       else:
         applied = full / config.alpha - back
-      # atol: ‖S‖ comes from a difference of squares, a few 1e-4 of ‖φ⊙G‖ ≈ ‖N‖ off where
-      # the gradient lies almost inside the subspace (paper formulation, full rank).
+      # atol: ‖S‖² is a difference of squares down to 1e-3 ‖φ⊙G‖², where its float32
+      # rounding is a few 1e-4 of ‖φ⊙G‖ ≈ ‖N‖ (paper formulation, full rank).
       np.testing.assert_allclose(
         matrix_norms(applied), recorded, rtol=2e-3, atol=1e-3 * np.max(matrix_norms(n)) + 1e-6
       )
