@@ -263,14 +263,8 @@ def ratios(times, pairs):
 def step_by_step(cand, steps):
   """Per-step times of ``steps`` steps after step 0 (the first refresh, not counted)."""
   cand.start()
-  cand()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    cand()
-    times.append(time.perf_counter() - start)
+  median, times = common.median_time(cand, steps, warmup=1)
   cand.stop()
-  median = statistics.median(times)
   return dict(
     median_s=median,
     slowest_s=max(times),
