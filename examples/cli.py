@@ -20,8 +20,9 @@ def _field_comments(cls) -> dict[str, str]:
   return comments
 
 
-def _parser_for(kind):
-  """argparse ``type`` for an annotation such as ``int``, ``float | None`` or ``str``."""
+def parser_for(kind, problem=None):
+  """argparse ``type`` for an annotation such as ``int``, ``float | None`` or ``str``;
+  ``problem(value)`` says what is wrong with a parsed value (``None``: nothing)."""
   args = [a for a in typing.get_args(kind) if a is not type(None)]
   base = args[0] if args else kind
   optional = type(None) in typing.get_args(kind)
@@ -29,15 +30,23 @@ def _parser_for(kind):
   def parse(text: str):
     if optional and text.lower() == "none":
       return None
-    return base(text)
+    value = base(text)
+    message = problem(value) if problem else None
+    if message:
+      raise argparse.ArgumentTypeError(message)  # argparse prefixes "argument --flag: "
+    return value
 
   parse.__name__ = getattr(base, "__name__", str(base))
   return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, choices=None) -> None:
-  """Adds ``--field-name`` for each dataclass field; ``choices`` maps field names to options."""
+def add_config_flags(
+  parser: argparse.ArgumentParser, cls, defaults=None, choices=None, problems=None
+) -> None:
+  """Adds ``--field-name`` for each dataclass field; ``choices`` maps field names to options,
+  ``problems`` field names to a function saying what is wrong with a value (``None``: fine)."""
   choices = choices or {}
+  problems = problems or {}
   comments = _field_comments(cls)
   hints = typing.get_type_hints(cls)
   defaults = defaults or cls()
@@ -52,7 +61,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, choice
     else:
       parser.add_argument(
         flag,
-        type=_parser_for(hints[field.name]),
+        type=parser_for(hints[field.name], problems.get(field.name)),
         default=default,
         help=help_text,
         choices=choices.get(field.name),

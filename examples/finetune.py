@@ -26,6 +26,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import cli
 import train
 
 DEFAULT_LR = {"fira": 1e-3, "lora": 3e-3, "adamw": 1e-3, "galore": 3e-3}
@@ -78,7 +79,12 @@ def main(argv=None) -> str:
   parser.add_argument(
     "--data", default=None, help="fine-tuning text (default: held-out stdlib packages)"
   )
-  parser.add_argument("--rank", type=int, default=0, help="Fira/GaLore/LoRA rank (0: hidden / 4)")
+  parser.add_argument(
+    "--rank",
+    type=cli.parser_for(int | None, train.FLAG_PROBLEMS["rank"]),
+    default=None,
+    help="Fira/GaLore/LoRA rank, positive (default: None, meaning hidden / 4)",
+  )
   parser.add_argument("--eval-batches", type=int, default=8)
   parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
   args = parser.parse_args(argv)

@@ -43,7 +43,9 @@ def main(argv=None) -> dict:
   )
   parser.add_argument("--process-id", type=int, default=0, help="this process, 0 .. N-1")
   parser.add_argument("--coordinator", help="HOST:PORT of process 0 (omit on TPU pods and Slurm)")
-  cli.add_config_flags(parser, train.Config, choices=train.FLAG_CHOICES)
+  cli.add_config_flags(
+    parser, train.Config, choices=train.FLAG_CHOICES, problems=train.FLAG_PROBLEMS
+  )
   args = parser.parse_args(argv)
   config = cli.config_from_args(train.Config, args)
   problems = train.check_config(config)

@@ -43,7 +43,7 @@ class Config:
   eps: float = 1e-6
   weight_decay: float = 0.0
   mu_dtype: str | None = None  # Adam's first-moment dtype, e.g. bfloat16 (default: the params')
-  rank: int = 0  # Fira/GaLore rank; 0 means hidden / 4 (the paper up to 350M)
+  rank: int | None = None  # Fira/GaLore rank, positive; None (the default) means hidden / 4
   update_proj_gap: int = 200  # steps between projector refreshes
   scale: float = 0.25  # Fira/GaLore alpha
   norm_growth_limit: float | None = 1.01  # Fira's limiter gamma; None disables
@@ -53,7 +53,7 @@ class Config:
   projection: str = "svd"  # projector basis: svd (reference) | randomized_svd | random
   projection_seed: int = 0  # seed of randomized/random bases
   staggered_refresh: bool = False  # spread projector refreshes over the gap (no refresh stall)
-  lora_rank: int = 0  # lora: adapter rank; 0 means the Fira rank
+  lora_rank: int | None = None  # lora: adapter rank, positive; None means --rank (or hidden / 4)
   # data
   data: str | None = None  # a .txt/.jsonl file or folder; default: the stdlib sources
   domain: str = "pretrain"  # which part of the stdlib corpus (pretrain | finetune)
@@ -89,6 +89,21 @@ FLAG_CHOICES = {
   "mu_dtype": (None, "float32", "bfloat16", "float16"),
 }
 
+# Flags that take a positive integer or are left out (None): what leaving them out means.
+OPTIONAL_POSITIVE = {"rank": "hidden / 4", "lora_rank": "--rank (or hidden / 4)"}
+
+
+def positive_message(name: str, value) -> str:
+  """Why ``value`` is not a valid ``--name`` (one of OPTIONAL_POSITIVE), without the flag."""
+  return f"must be a positive integer, got {value}; leave it out for {OPTIONAL_POSITIVE[name]}"
+
+
+# What is wrong with a flag's value, checked as the command line is parsed (cli.py).
+FLAG_PROBLEMS = {
+  name: (lambda value, name=name: positive_message(name, value) if value <= 0 else None)
+  for name in OPTIONAL_POSITIVE
+}
+
 
 def check_config(config: Config) -> list[str]:
   """What is wrong with a config's numbers, one message per flag."""
@@ -108,9 +123,10 @@ def check_config(config: Config) -> list[str]:
   for name in positive:
     if getattr(config, name) <= 0:
       problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-  for name in ("rank", "lora_rank"):
-    if getattr(config, name) < 0:
-      problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+  for name in OPTIONAL_POSITIVE:
+    value = getattr(config, name)
+    if value is not None and value < 0:  # 0 is a Python caller's "default" (compare.py's Run)
+      problems.append(f"--{name.replace('_', '-')} {positive_message(name, value)}")
   if not 0 <= config.warmup < 1:
     problems.append(f"--warmup must be in [0, 1), got {config.warmup}")
   if not 0 <= config.min_lr_ratio <= 1:
@@ -255,10 +271,11 @@ def check_compatible(saved: dict, current: dict, workdir: pathlib.Path) -> None:
   if saved["model_config"] != current["model_config"]:
     problems.append(f"model {saved['model_config']} != {current['model_config']}")
   for key in ("optimizer", "rank", "update_proj_gap", "steps", "batch_size", "seq_len", "seed"):
-    if saved["config"].get(key) != current["config"].get(key):
-      problems.append(
-        f"{key}: checkpoint {saved['config'].get(key)!r}, now {current['config'].get(key)!r}"
-      )
+    before, now = saved["config"].get(key), current["config"].get(key)
+    if key == "rank":  # checkpoints written before rank=None meant hidden / 4 stored 0
+      before, now = before or None, now or None
+    if before != now:
+      problems.append(f"{key}: checkpoint {before!r}, now {now!r}")
   if saved["tokenizer"] != current["tokenizer"]:
     problems.append(f"tokenizer: checkpoint {saved['tokenizer']}, now {current['tokenizer']}")
   if problems:

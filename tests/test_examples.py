@@ -362,3 +362,36 @@ def test_pretrain_and_compare_reject_bad_flags_before_training(
   assert exit_info.value.code == 2
   assert message in capsys.readouterr().err
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+  "script, flags",
+  [
+    (pretrain, ["--rank", "0"]),
+    (pretrain, ["--rank", "-4"]),
+    (pretrain, ["--lora-rank", "0"]),
+    (finetune, ["--rank", "0"]),
+  ],
+)
+def test_rank_flags_reject_zero_and_negative_naming_the_flag(tmp_path, capsys, script, flags):
+  out_flag = "--workdir" if script is pretrain else "--out"
+  with pytest.raises(SystemExit) as exit_info:
+    script.main([out_flag, str(tmp_path / "run"), "--data", str(tmp_path / "nope"), *flags])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert f"argument {flags[0]}: must be a positive integer, got {flags[1]}; leave it out" in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_rank_left_out_means_hidden_over_four_and_the_help_says_so(capsys):
+  import optim
+
+  config = train.Config(optimizer="lora")
+  assert config.rank is None and config.lora_rank is None
+  model_config = train.model_config_for(config, 256)
+  assert optim.low_rank_layout(config, model_config)[0] == model_config.hidden // 4
+  assert model_config.lora_rank == model_config.hidden // 4
+  with pytest.raises(SystemExit):
+    pretrain.main(["--help"])
+  help_text = " ".join(capsys.readouterr().out.split())
+  assert "None (the default) means hidden / 4" in help_text
