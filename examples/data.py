@@ -3,8 +3,9 @@
 The default corpus is the Python standard library's own source files, read from the running
 interpreter's installation: about 30 MB of real text on every machine, no download. Files are
 split into train and validation by a hash of their relative path, so the split is the same on
-every run and no validation file is ever seen in training. A few GUI packages are held out of
-pre-training altogether as the default fine-tuning domain.
+every run and no validation file is ever seen in training (a corpus of one document, such as
+a single ``input.txt``, is split by position instead: its last 10% validates). A few GUI
+packages are held out of pre-training altogether as the default fine-tuning domain.
 
 Batch ``t`` of seed ``s`` is drawn from ``np.random.default_rng([s, t])``: the data position is
 the step, so a resumed run sees exactly the batches an uninterrupted run would.
@@ -25,6 +26,7 @@ import numpy as np
 FINETUNE_PACKAGES = ("idlelib", "tkinter", "turtledemo")  # held out of pre-training
 DOC_SEPARATOR = "\0"  # never in source text; byte 0 marks document boundaries
 VALIDATION_PERCENT = 5
+SINGLE_DOCUMENT_VALIDATION_FRACTION = 0.1  # a lone document: its last tenth validates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,16 +113,27 @@ def hf_documents(name: str, config: str | None, split: str, max_docs: int) -> li
   return docs
 
 
+def split_document(doc: Document) -> tuple[list[Document], list[Document]]:
+  """A corpus of one document (one ``input.txt``): split by position, the last
+  ``SINGLE_DOCUMENT_VALIDATION_FRACTION`` of its characters for validation."""
+  cut = len(doc.text) - int(len(doc.text) * SINGLE_DOCUMENT_VALIDATION_FRACTION)
+  print(
+    f"one document ({doc.name}, {len(doc.text):,} characters): training on its first"
+    f" {cut:,} characters, validating on the last {len(doc.text) - cut:,}"
+    f" ({SINGLE_DOCUMENT_VALIDATION_FRACTION:.0%})"
+  )
+  return [Document(f"{doc.name}[:{cut}]", doc.text[:cut])], [
+    Document(f"{doc.name}[{cut}:]", doc.text[cut:])
+  ]
+
+
 def split_documents(docs: Sequence[Document]) -> tuple[list[Document], list[Document]]:
+  if len(docs) == 1:
+    return split_document(docs[0])
   train = [d for d in docs if not is_validation(d.name)]
   val = [d for d in docs if is_validation(d.name)]
   if not train or not val:  # tiny corpora: hold out the last document
     train, val = list(docs[:-1]), list(docs[-1:])
-  if not train:
-    raise ValueError(
-      "the corpus needs at least two documents, one of them for validation: split the text"
-      " into several files (or .jsonl lines)."
-    )
   return train, val
 
 
@@ -212,8 +225,9 @@ def eval_batches(
   count = min(batch_size * num_batches, max(1, (len(tokens) - 1) // window))
   if len(tokens) < window:
     raise ValueError(
-      f"the validation text (about 5% of the documents) has {len(tokens)} tokens, fewer than"
-      f" one sequence of {window}; use more text or a shorter --seq-len."
+      f"the validation text (about {VALIDATION_PERCENT}% of the documents, or the last"
+      f" {SINGLE_DOCUMENT_VALIDATION_FRACTION:.0%} of a single one) has {len(tokens)} tokens,"
+      f" fewer than one sequence of {window}; use more text or a shorter --seq-len."
     )
   starts = np.linspace(0, len(tokens) - window, count).astype(np.int64)
   windows = np.stack([tokens[s : s + window] for s in starts])

@@ -140,11 +140,11 @@ def test_missing_corpus_gets_a_clear_error(tmp_path):
   [
     ({}, "no non-empty .txt or .jsonl text found"),
     ({"a.txt": ""}, "no non-empty .txt or .jsonl text found"),
-    ({"a.txt": "one document only"}, "at least two documents"),
+    ({"a.txt": "one document only"}, "use more text or a shorter --seq-len"),
     ({"a.jsonl": '{"body": "x"}'}, "a .jsonl line needs a 'text' field"),
     ({f"d{i}.txt": "short" for i in range(30)}, "use more text or a shorter --seq-len"),
   ],
-  ids=["empty-folder", "empty-file", "one-document", "jsonl-without-text", "too-short"],
+  ids=["empty-folder", "empty-file", "one-short-document", "jsonl-without-text", "too-short"],
 )
 def test_unusable_corpus_gets_an_error_saying_what_to_do(tmp_path, files, message):
   corpus = tmp_path / "corpus"
@@ -395,3 +395,22 @@ def test_rank_left_out_means_hidden_over_four_and_the_help_says_so(capsys):
     pretrain.main(["--help"])
   help_text = " ".join(capsys.readouterr().out.split())
   assert "None (the default) means hidden / 4" in help_text
+
+
+def test_a_single_document_trains_on_its_first_90_percent_and_validates_on_the_rest(
+  tmp_path, capsys
+):
+  text = "".join(f"line {i:05d} of the only document\n" for i in range(400))
+  (tmp_path / "input.txt").write_text(text)
+  corpus = data_lib.load_corpus(data=str(tmp_path / "input.txt"))
+  cut = len(text) - len(text) // 10
+  decode = corpus.tokenizer.decode
+  assert decode(corpus.train_tokens) == text[:cut] + data_lib.DOC_SEPARATOR
+  assert decode(corpus.val_tokens) == text[cut:] + data_lib.DOC_SEPARATOR
+  said = capsys.readouterr().out.splitlines()
+  assert len(said) == 1 and "validating on the last" in said[0] and "(10%)" in said[0]
+  workdir = tmp_path / "run"
+  pretrain.main(
+    ["--workdir", str(workdir), "--data", str(tmp_path / "input.txt"), "--steps", "1"] + SMALL
+  )
+  assert (workdir / "summary.json").exists()
