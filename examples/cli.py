@@ -12,11 +12,19 @@ import typing
 
 
 def _field_comments(cls) -> dict[str, str]:
-  comments = {}
+  """Each field's end-of-line comment, continued by the comment lines right below it that
+  start with ``#   `` (three spaces: a plain ``# heading`` starts the next group of fields)."""
+  comments, last = {}, None
   for line in inspect.getsource(cls).splitlines():
     match = re.match(r"\s+(\w+):.*?#\s*(.*)$", line)
+    more = re.match(r"\s+#   \s*(.*)$", line)
     if match:
-      comments[match.group(1)] = match.group(2)
+      last = match.group(1)
+      comments[last] = match.group(2)
+    elif more and last:
+      comments[last] += " " + more.group(1)
+    else:
+      last = None
   return comments
 
 

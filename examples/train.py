@@ -3,7 +3,8 @@
 Writes to ``workdir``: ``checkpoints/`` (orbax; model, optimizer state, step and the run's
 config), ``metrics.jsonl`` (one JSON object per logged step and per evaluation),
 ``loss.png`` and ``summary.json``. ``resume=True`` continues from the last complete checkpoint
-and ends with the same parameters as an uninterrupted run.
+and ends with the same parameters as an uninterrupted run; with a larger ``steps`` than the
+run was started with, it extends the run (on the new ``steps``' learning-rate schedule).
 """
 
 from __future__ import annotations
@@ -63,14 +64,16 @@ class Config:
   batch_size: int = 16
   seq_len: int = 128
   # schedule of the run
-  steps: int = 1200
+  steps: int = 1200  # total steps of the run; --resume with a larger --steps extends a run:
+  #   the lr schedule (warm-up, cosine decay) is then the new --steps', taken up at the
+  #   checkpoint's step (after a finished run the lr climbs back from its floor to that value)
   seed: int = 0  # model init and batch order
   log_every: int = 10
   eval_every: int = 200
   eval_batches: int = 8
   checkpoint_every: int = 200
   checkpoints: bool = True  # write orbax checkpoints (compare.py turns them off)
-  resume: bool = False  # continue from workdir's last checkpoint
+  resume: bool = False  # continue from workdir's last checkpoint (to a new --steps: see --steps)
   init_from: str | None = None  # start from the model weights of another run's workdir
   stop_after: int | None = None  # stop (as if interrupted) after this many steps
   mesh: str | None = None  # shard over a device mesh, e.g. data=2,fsdp=4 (see examples/mesh.py)
@@ -270,7 +273,7 @@ def check_compatible(saved: dict, current: dict, workdir: pathlib.Path) -> None:
   problems = []
   if saved["model_config"] != current["model_config"]:
     problems.append(f"model {saved['model_config']} != {current['model_config']}")
-  for key in ("optimizer", "rank", "update_proj_gap", "steps", "batch_size", "seq_len", "seed"):
+  for key in ("optimizer", "rank", "update_proj_gap", "batch_size", "seq_len", "seed"):
     before, now = saved["config"].get(key), current["config"].get(key)
     if key == "rank":  # checkpoints written before rank=None meant hidden / 4 stored 0
       before, now = before or None, now or None
@@ -389,7 +392,21 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
     print(f"--resume: no checkpoint in {workdir} yet; starting from step 0")
   if config.resume and manager.latest_step() is not None:
     step = manager.latest_step()
-    check_compatible(read_checkpoint_meta(workdir), meta, workdir)
+    saved = read_checkpoint_meta(workdir)
+    check_compatible(saved, meta, workdir)
+    if step > config.steps:
+      raise ValueError(
+        f"cannot resume {workdir} with --steps {config.steps}: its checkpoint is already at"
+        f" step {step}. Pass a --steps above {step} to train on (a run cannot be shortened)."
+      )
+    if saved["config"]["steps"] != config.steps:
+      print(
+        f"--resume: the run was planned for {saved['config']['steps']} steps, now"
+        f" {config.steps}: from step {step} the learning rate follows the {config.steps}-step"
+        f" schedule ({float(schedule(step)):.2e} at step {step + 1})"
+      )
+    elif step == config.steps:
+      print(f"--resume: the run already did its {step} steps; pass a larger --steps to extend it")
     abstract = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
     restored = manager.restore(

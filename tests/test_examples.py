@@ -414,3 +414,26 @@ def test_a_single_document_trains_on_its_first_90_percent_and_validates_on_the_r
     ["--workdir", str(workdir), "--data", str(tmp_path / "input.txt"), "--steps", "1"] + SMALL
   )
   assert (workdir / "summary.json").exists()
+
+
+def test_resume_extends_a_finished_run_to_a_larger_steps_on_its_schedule_and_refuses_fewer(
+  tmp_path, corpus_dir, capsys
+):
+  import optim
+
+  common = ["--workdir", str(tmp_path), "--data", str(corpus_dir), "--log-every", "1", *SMALL]
+  pretrain.main([*common, "--steps", "4"])
+  summary = pretrain.main([*common, "--steps", "6", "--resume"])
+  assert summary["steps_done"] == 6
+  assert "from step 4 the learning rate follows the 6-step schedule" in capsys.readouterr().out
+  with ocp.CheckpointManager((tmp_path / "checkpoints").resolve()) as manager:
+    assert manager.latest_step() == 6
+  records = train.read_metrics(tmp_path / "metrics.jsonl")
+  lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+  assert sorted(lrs) == [1, 2, 3, 4, 5, 6]
+  first, extended = (optim.learning_rate_schedule(0.01, n, 0.1, 0.1) for n in (4, 6))
+  assert lrs[4] == pytest.approx(float(first(3)))  # the finished run's last step, kept
+  assert [lrs[5], lrs[6]] == pytest.approx([float(extended(4)), float(extended(5))])
+  assert [r["step"] for r in records if "eval_loss" in r] == [4, 6]
+  with pytest.raises(SystemExit, match=r"already at step 6\. Pass a --steps above 6"):
+    pretrain.main([*common, "--steps", "5", "--resume"])
