@@ -20,10 +20,8 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-from tests.test_examples import corpus_dir  # noqa: F401  (fixture)
-from tests.test_examples import flat_arrays
-from tests.test_examples import restored_state
+from checkpoints import flat_arrays
+from checkpoints import restored_state
 
 PRETRAIN = pathlib.Path(__file__).resolve().parents[1] / "examples" / "pretrain.py"
 STEPS = 16
@@ -84,10 +82,7 @@ def out(proc: subprocess.Popen) -> str:
   return proc.stdout.read() if proc.stdout else ""
 
 
-def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
-  tmp_path,
-  corpus_dir,  # noqa: F811
-):
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, corpus_dir):
   rng = random.Random(SEED)
   full, cut = tmp_path / "full", tmp_path / "cut"
   reference = launch(full, corpus_dir, resume=False)
@@ -143,7 +138,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
 
 
 def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
-  import train  # examples/, on sys.path through tests.test_examples
+  import train  # examples/train.py
 
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
@@ -153,9 +148,7 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
 
 
 def test_checkpoints_hold_only_arrays_and_json_and_load_without_unpickling(
-  tmp_path,
-  corpus_dir,  # noqa: F811
-  monkeypatch,
+  tmp_path, corpus_dir, monkeypatch
 ):
   import pickle
 
@@ -182,10 +175,7 @@ def test_checkpoints_hold_only_arrays_and_json_and_load_without_unpickling(
   assert any("projector" in k for k in state) and all(v.size for v in state.values())
 
 
-def test_a_diverged_run_never_overwrites_its_last_finite_checkpoint(
-  tmp_path,
-  corpus_dir,  # noqa: F811
-):
+def test_a_diverged_run_never_overwrites_its_last_finite_checkpoint(tmp_path, corpus_dir):
   import pretrain
 
   common = [

@@ -3,56 +3,25 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import re
-import sys
 
-import jax
+import compare  # examples/ (on sys.path through conftest.py)
+import data as data_lib
+import finetune
+import model as model_lib
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pretrain
 import pytest
+import train
+from checkpoints import flat_arrays
+from checkpoints import restored_state
 from flax import nnx
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import compare  # noqa: E402
-import data as data_lib  # noqa: E402
-import finetune  # noqa: E402
-import model as model_lib  # noqa: E402
-import pretrain  # noqa: E402
-import train  # noqa: E402
-
-import fira_jax  # noqa: E402
+import fira_jax
 
 SMALL = ["--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-  """A small corpus of real text (stdlib modules) with one unique marker per file."""
-  root = tmp_path_factory.mktemp("corpus")
-  sources = sorted(data_lib.stdlib_root().glob("*.py"))[:30]
-  for i, source in enumerate(sources):
-    (root / f"doc{i:02d}.txt").write_text(f"MARKER{i:02d}MARKER\n" + source.read_text()[:20000])
-  return root
-
-
-def restored_state(workdir: pathlib.Path) -> dict:
-  """The latest checkpoint's {"model": ..., "optimizer": ...}, as saved (no target needed)."""
-  with ocp.CheckpointManager(workdir.resolve() / "checkpoints") as manager:
-    args = ocp.args.Composite(state=ocp.args.StandardRestore())
-    return manager.restore(manager.latest_step(), args=args)["state"]
-
-
-def flat_arrays(tree) -> dict[str, np.ndarray]:
-  """{key path: array}, with nnx's `.value` and list indices written alike in both forms."""
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    key = jax.tree_util.keystr(path).replace("['value']", "").replace(".value", "")
-    flat[re.sub(r"\[(\d+)\]", r"['\1']", key)] = np.asarray(leaf)
-  return flat
 
 
 def test_pretrain_writes_checkpoint_metrics_and_plot(tmp_path, corpus_dir):

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import functools
-import pathlib
-import sys
 
 import jax.numpy as jnp
+import long_run  # benchmarks/long_run.py
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import long_run
 
 import fira_jax
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference_fira
+import reference_fira  # tests/reference_fira.py
 
 import fira_jax
 
