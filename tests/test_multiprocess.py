@@ -4,7 +4,7 @@ Each worker (``python tests/test_multiprocess.py worker PORT ID OUT``) joins a
 ``jax.distributed`` cluster of 2 processes with 4 CPU devices each, builds the global
 ``data=2 x fsdp=4`` mesh over all 8 devices, and trains, from the same
 initialization and batches, for 3 steps (two projector refreshes): the tiny network of
-``tests/test_sharding.py`` with ``jax.jit`` shardings, then a tiny stacked-layer LLaMA of the
+``tests/mesh_cases.py`` with ``jax.jit`` shardings, then a tiny stacked-layer LLaMA of the
 examples through ``nnx.Optimizer`` and ``examples/mesh.py``. Process 0 writes the gathered
 parameters.
 """
@@ -19,18 +19,13 @@ import socket
 import subprocess
 import sys
 
+import mesh_cases
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "examples"):
-  if str(path) not in sys.path:
-    sys.path.insert(0, str(path))
-
-from tests import test_sharding as common  # noqa: E402
-
 PROCESSES = 2
 STEPS = 3
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
 def free_port() -> int:
@@ -39,10 +34,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def worker_env() -> dict[str, str]:
+  """A worker runs this file as a script: its folder (tests/) is on its path; add examples/."""
+  paths = [str(EXAMPLES), *filter(None, [os.environ.get("PYTHONPATH")])]
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(paths))
+
+
 def test_two_processes_train_like_one(tmp_path):
   port = free_port()
   out = tmp_path / "params.npz"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = worker_env()
   workers = [
     subprocess.Popen(
       [sys.executable, __file__, "worker", str(port), str(i), str(out)],
@@ -64,11 +65,11 @@ def test_two_processes_train_like_one(tmp_path):
   assert all(w.returncode == 0 for w in workers), "\n".join(log[-3000:] for log in logs)
   assert "processes 2, devices 8, local 4" in logs[0], logs[0][-2000:]
   gathered = dict(np.load(out))
-  reference, _ = common.single_device_run("svd", STEPS)
+  reference, _ = mesh_cases.single_device_run("svd", STEPS)
   for name, value in reference.items():
     np.testing.assert_allclose(gathered[f"mlp/{name}"], np.asarray(value), rtol=1e-5, atol=1e-6)
   # The run moved the parameters: the comparison is not between two initializations.
-  assert not np.allclose(gathered["mlp/w1"], np.asarray(common.init_params()["w1"]))
+  assert not np.allclose(gathered["mlp/w1"], np.asarray(mesh_cases.init_params()["w1"]))
   # The examples' LLaMA (stacked layers) through the trainer's nnx path and examples/mesh.py.
   llama = {k.removeprefix("llama/"): v for k, v in gathered.items() if k.startswith("llama/")}
   expected = llama_run(None)
@@ -80,20 +81,16 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 @pytest.mark.slow  # three trainer processes: about 90 s on 2 cores
-def test_pretrain_across_two_processes_matches_one_process(tmp_path):
-  corpus = tmp_path / "corpus"
-  corpus.mkdir()
-  for i, source in enumerate(sorted(pathlib.Path(os.__file__).parent.glob("*.py"))[:30]):
-    (corpus / f"doc{i:02d}.txt").write_text(source.read_text()[:20000])
-  single = common.pretrain(tmp_path / "single", corpus, "--scan-layers")
+def test_pretrain_across_two_processes_matches_one_process(tmp_path, corpus_dir):
+  single = mesh_cases.pretrain(tmp_path / "single", corpus_dir, "--scan-layers")
   workdir = tmp_path / "two"
-  flags = [*common.PRETRAIN_FLAGS, "--workdir", str(workdir), "--data", str(corpus)]
+  flags = [*mesh_cases.PRETRAIN_FLAGS, "--workdir", str(workdir), "--data", str(corpus_dir)]
   flags += ["--scan-layers", "--mesh", "data=2,fsdp=4", "--num-processes", str(PROCESSES)]
   flags += ["--coordinator", f"localhost:{free_port()}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   procs = [
     subprocess.Popen(
-      [sys.executable, str(common.PRETRAIN), *flags, "--process-id", str(i)],
+      [sys.executable, str(mesh_cases.PRETRAIN), *flags, "--process-id", str(i)],
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,
@@ -120,7 +117,7 @@ def llama_run(mesh, steps: int = STEPS) -> dict[str, np.ndarray]:
   """A tiny stacked-layer LLaMA trained with Fira as examples/train.py does (nnx.Optimizer,
   nnx.jit, examples/mesh.py placement when ``mesh`` is given); returns its gathered params."""
   import jax
-  import mesh as mesh_lib
+  import mesh as mesh_lib  # examples/
   import model as model_lib
   import optim
   import train
@@ -164,8 +161,6 @@ def worker(port: int, process_id: int, out: str) -> None:
   from jax.experimental import multihost_utils
   from jax.sharding import NamedSharding
 
-  import fira_jax
-
   jax.config.update("jax_num_cpu_devices", 4)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"localhost:{port}", PROCESSES, process_id)
@@ -175,7 +170,8 @@ def worker(port: int, process_id: int, out: str) -> None:
     flush=True,
   )
   auto = (jax.sharding.AxisType.Auto,) * 2
-  mesh = jax.make_mesh(tuple(common.MESH_SHAPE.values()), tuple(common.MESH_SHAPE), axis_types=auto)
+  mesh_shape = mesh_cases.MESH_SHAPE
+  mesh = jax.make_mesh(tuple(mesh_shape.values()), tuple(mesh_shape), axis_types=auto)
   shard = lambda spec: NamedSharding(mesh, spec)
 
   def global_array(x, sharding):
@@ -184,20 +180,18 @@ def worker(port: int, process_id: int, out: str) -> None:
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-  tx = common.make_tx("svd")
-  param_sh = jax.tree.map(shard, common.SPECS)
-  params = jax.tree.map(global_array, common.init_params(), param_sh)
-  state_sh = fira_jax.state_shardings(
-    tx, params, param_sh, weight_dimension_numbers=common.DIMS, rank=common.RANK
-  )
+  tx = mesh_cases.make_tx("svd")
+  param_sh = jax.tree.map(shard, mesh_cases.SPECS)
+  params = jax.tree.map(global_array, mesh_cases.init_params(), param_sh)
+  state_sh = mesh_cases.state_shardings(tx, params, param_sh)
   state = jax.jit(tx.init, out_shardings=state_sh)(params)
-  batch_sh = (shard(common.BATCH_SPEC),) * 2
+  batch_sh = (shard(mesh_cases.BATCH_SPEC),) * 2
   step = jax.jit(
-    functools.partial(common.train_step, tx),
+    functools.partial(mesh_cases.train_step, tx),
     in_shardings=(param_sh, state_sh, batch_sh),
     out_shardings=(param_sh, state_sh),
   )
-  for batch in common.batches(STEPS):
+  for batch in mesh_cases.batches(STEPS):
     params, state = step(params, state, jax.tree.map(global_array, batch, batch_sh))
   gathered = multihost_utils.process_allgather(params, tiled=True)
   results = {f"mlp/{k}": np.asarray(v) for k, v in gathered.items()}
