@@ -1,10 +1,11 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
 Writes to ``workdir``: ``checkpoints/`` (orbax; model, optimizer state, step and the run's
-config), ``metrics.jsonl`` (one JSON object per logged step and per evaluation),
-``loss.png`` and ``summary.json``. ``resume=True`` continues from the last complete checkpoint
-and ends with the same parameters as an uninterrupted run; with a larger ``steps`` than the
-run was started with, it extends the run (on the new ``steps``' learning-rate schedule).
+config), ``metrics.jsonl`` (one JSON object per evaluation and per logged step: ``loss`` of
+that step, ``loss_avg`` the mean since the previous record), ``loss.png`` and
+``summary.json``. ``resume=True`` continues from the last complete checkpoint and ends with
+the same parameters as an uninterrupted run; with a larger ``steps`` than the run was started
+with, it extends the run (on the new ``steps``' learning-rate schedule).
 """
 
 from __future__ import annotations
@@ -249,6 +250,27 @@ def all_finite(tree) -> bool:
   )
 
 
+# tqdm's default rate flips between "3.84step/s" and "3.49s/step" around one step a second;
+# this one is always steps per second.
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+
+
+def progress_bar(config: Config, initial: int) -> tqdm:
+  """The run's progress bar from step ``initial`` on. Its rate is the mean since the bar
+  started (``smoothing=0``): steady under asynchronous dispatch, with evaluations and
+  checkpoints counted, so that the time left is honest."""
+  return tqdm(
+    total=config.steps,
+    initial=initial,
+    disable=not config.progress,
+    unit="step",
+    bar_format=BAR_FORMAT,
+    smoothing=0,
+    dynamic_ncols=True,
+    desc=config.optimizer,
+  )
+
+
 def evaluate(eval_step, model, batches) -> float:
   losses = [float(eval_step(model, jnp.asarray(b))) for b in batches]
   return float(np.mean(losses))
@@ -483,32 +505,41 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
 
   # SIGTERM (a scheduler's kill) is handled like Ctrl-C: save, then stop.
   previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
-  bar = tqdm(
-    total=config.steps,
-    initial=start_step,
-    disable=not config.progress,
-    unit="step",
-    dynamic_ncols=True,
-    desc=config.optimizer,
-  )
+  bar = None  # started once the first step (and its compilation) is done
+  window = []  # the losses (device scalars) of the steps since the last log record
   step, window_start, eval_loss = start_step, time.perf_counter(), None
   try:
     for step in range(start_step + 1, end_step + 1):
+      if bar is None and config.progress:
+        print("compiling the training step…", flush=True)
+        compile_start = time.perf_counter()
       loss = train_step(model, optimizer, put(next(batches)))
+      window.append(loss)
+      if bar is None:
+        if config.progress:
+          jax.block_until_ready(loss)
+          took = time.perf_counter() - compile_start
+          print(f"compiled the training step and ran step {step} in {took:.1f} s", flush=True)
+        bar = progress_bar(config, initial=step)
+      else:
+        bar.update(1)
       if step % config.log_every == 0 or step == end_step:
-        loss = float(loss)
-        if not math.isfinite(loss):
+        losses = [float(x) for x in window]  # host copies: no extra programs on a mesh
+        loss, loss_avg = losses[-1], float(np.mean(losses))
+        if not all(map(math.isfinite, losses)):
           raise FloatingPointError(
-            f"the training loss is {loss} at step {step}. The last checkpoint (step"
-            f" {manager.latest_step()}) is intact: --resume with a lower --lr."
+            f"the training loss is {next(x for x in losses if not math.isfinite(x))} by step"
+            f" {step}. The last checkpoint (step {manager.latest_step()}) is intact: --resume"
+            " with a lower --lr."
           )
         elapsed = time.perf_counter() - window_start
-        tok_s = tokens_per_step * config.log_every / max(elapsed, 1e-9)
-        window_start = time.perf_counter()
+        tok_s = tokens_per_step * len(window) / max(elapsed, 1e-9)
+        window, window_start = [], time.perf_counter()
         lr = float(schedule(step - 1))
-        log.write({"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_s})
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
-      bar.update(1)
+        log.write(
+          {"step": step, "loss": loss, "loss_avg": loss_avg, "lr": lr, "tokens_per_s": tok_s}
+        )
+        bar.set_postfix(loss_avg=f"{loss_avg:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
       if step % config.eval_every == 0 or step == config.steps:
         eval_loss = evaluate(eval_step, model, val_batches)
         log.write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)})
@@ -520,11 +551,13 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
       if step % config.eval_every == 0 or step % config.checkpoint_every == 0:
         window_start = time.perf_counter()  # tokens/s counts training steps only
   except KeyboardInterrupt:
-    bar.write(f"interrupted at step {step}: saving a checkpoint so that --resume continues here")
+    say = print if bar is None else bar.write
+    say(f"interrupted at step {step}: saving a checkpoint so that --resume continues here")
     save(step)
     raise
   finally:
-    bar.close()
+    if bar is not None:
+      bar.close()
     signal.signal(signal.SIGTERM, previous_handler)
   if step == end_step and end_step % config.checkpoint_every and end_step != config.steps:
     save(step)  # stopped early on purpose (stop_after): keep the position

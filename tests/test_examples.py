@@ -406,3 +406,37 @@ def test_resume_extends_a_finished_run_to_a_larger_steps_on_its_schedule_and_ref
   assert [r["step"] for r in records if "eval_loss" in r] == [4, 6]
   with pytest.raises(SystemExit, match=r"already at step 6\. Pass a --steps above 6"):
     pretrain.main([*common, "--steps", "5", "--resume"])
+
+
+def test_progress_bar_rate_is_in_steps_per_second_at_any_speed(capsys):
+  from tqdm import tqdm
+
+  bar = train.progress_bar(train.Config(steps=100), initial=3)
+  bar.update(2)  # two steps since the bar started
+  fast = tqdm.format_meter(**{**bar.format_dict, "elapsed": 0.5})
+  slow = tqdm.format_meter(**{**bar.format_dict, "elapsed": 20.0})
+  bar.close()
+  assert "4.00step/s" in fast and "0.10step/s" in slow
+  assert "s/step" not in fast + slow
+  assert bar.smoothing == 0  # the mean rate since the bar started (after compilation)
+
+
+def test_progress_announces_compilation_and_shows_the_mean_loss_since_the_last_log(
+  tmp_path, corpus_dir, capsys
+):
+  common = ["--data", str(corpus_dir), "--steps", "4", *SMALL]
+  pretrain.main(["--workdir", str(tmp_path / "a"), "--log-every", "2", *common, "--progress"])
+  out, err = capsys.readouterr()
+  assert re.search(
+    r"compiling the training step…\ncompiled the training step and ran step 1 in", out
+  )
+  assert "loss_avg=" in err and "step/s" in err and "s/step" not in err
+  pretrain.main(["--workdir", str(tmp_path / "b"), "--log-every", "1", *common])
+  records = train.read_metrics(tmp_path / "b/metrics.jsonl")
+  every_step = {r["step"]: r["loss"] for r in records if "loss" in r}
+  logged = [r for r in train.read_metrics(tmp_path / "a/metrics.jsonl") if "loss" in r]
+  assert [r["step"] for r in logged] == [2, 4]
+  for r in logged:
+    assert r["loss"] == pytest.approx(every_step[r["step"]], rel=1e-6)
+    mean = (every_step[r["step"] - 1] + every_step[r["step"]]) / 2
+    assert r["loss_avg"] == pytest.approx(mean, rel=1e-6)
