@@ -440,3 +440,42 @@ def test_progress_announces_compilation_and_shows_the_mean_loss_since_the_last_l
     assert r["loss"] == pytest.approx(every_step[r["step"]], rel=1e-6)
     mean = (every_step[r["step"] - 1] + every_step[r["step"]]) / 2
     assert r["loss_avg"] == pytest.approx(mean, rel=1e-6)
+
+
+def test_step_memory_estimate_is_within_15_percent_of_xla_memory_analysis():
+  import jax
+  import jax.numpy as jnp
+
+  model_config = model_lib.make_config("tiny", vocab_size=256)
+  batch_size, seq_len = 4, 256
+  graph, params = nnx.split(nnx.eval_shape(lambda: model_lib.Llama(model_config, nnx.Rngs(0))))
+
+  def loss_and_grads(params, tokens):
+    return nnx.value_and_grad(model_lib.next_token_loss)(nnx.merge(graph, params), tokens)
+
+  tokens = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
+  analysis = jax.jit(loss_and_grads).lower(params, tokens).compile().memory_analysis()
+  moments = 2 * train.tree_bytes(params)  # Adam's, not part of the gradient's program
+  xla = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+  xla += analysis.output_size_in_bytes + moments
+  estimate = train.step_memory_estimate(model_config, batch_size, seq_len)
+  assert 0.85 < estimate / xla < 1.15
+  default = train.Config()
+  default_estimate = train.step_memory_estimate(
+    model_lib.make_config(default.model), default.batch_size, default.seq_len
+  )
+  assert default_estimate < 2**30  # the default run fits on any machine
+
+
+def test_a_step_too_large_for_memory_is_refused_naming_seq_len_and_batch_size(
+  tmp_path, corpus_dir, monkeypatch
+):
+  monkeypatch.setattr(train, "available_memory", lambda: 2**30)
+  flags = ["--data", str(corpus_dir), "--steps", "1", "--no-progress"]
+  with pytest.raises(SystemExit) as exit_info:
+    pretrain.main(["--workdir", str(tmp_path), *flags, "--seq-len", "1024", "--batch-size", "16"])
+  message = str(exit_info.value.code)
+  assert "--seq-len 1024 with --batch-size 16" in message
+  assert "needs about 3.8 GiB" in message and "only 1.0 GiB of memory is available" in message
+  assert "--seq-len 256 fits at --batch-size 16" in message
+  assert not (tmp_path / "checkpoints").exists()
