@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import math
 import pathlib
 import sys
 
@@ -25,6 +26,43 @@ import cli
 import jax
 import mesh
 import train
+
+
+def valid_mesh(text: str) -> bool:
+  try:
+    mesh.parse_mesh(text)
+  except ValueError:
+    return False
+  return True
+
+
+def mesh_device_problem(text: str, processes: int, start_backend: bool) -> str | None:
+  """Why ``--mesh text`` cannot have its devices, or None; asks for CPU host devices.
+
+  On CPU the trainer creates the mesh's host devices (mesh.request_cpu_devices); they share
+  the machine's cores, so it asks for at most max(8, cores) of them per process. Elsewhere the
+  mesh needs that many real devices. ``start_backend=False`` (several processes, which start
+  JAX only in jax.distributed.initialize) leaves the device count to mesh.make_mesh."""
+  shape = mesh.parse_mesh(text)
+  needed = math.prod(shape.values())
+  cores = os.cpu_count() or 1
+  cpu_limit = max(8, cores)
+  if needed // processes <= cpu_limit:
+    mesh.request_cpu_devices(shape, processes)
+  if not start_backend:
+    return None
+  backend, count = jax.default_backend(), jax.device_count()
+  if backend == "cpu" and needed // processes > cpu_limit:
+    return (
+      f"--mesh {text} needs {needed} devices: on CPU the trainer creates host devices, which"
+      f" share this machine's {cores} cores, at most max(8, cores) = {cpu_limit} per process"
+      " (e.g. --mesh data=2,fsdp=4)"
+    )
+  if needed > count:
+    started = " (its CPU backend had already started: no more host devices)"
+    started = started if backend == "cpu" else ""
+    return f"--mesh {text} needs {needed} devices; JAX sees {count} {backend} device(s){started}"
+  return None
 
 
 def main(argv=None) -> dict:
@@ -49,12 +87,14 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   config = cli.config_from_args(train.Config, args)
   problems = train.check_config(config)
+  processes = args.num_processes or 1
+  device_problem = None
+  if config.mesh and valid_mesh(config.mesh):  # else check_config said what is wrong with it
+    device_problem = mesh_device_problem(config.mesh, processes, not args.num_processes)
+  if device_problem:  # first: a --batch-size that does not divide over it may follow from it
+    problems.insert(0, device_problem)
   if problems:
     parser.error("; ".join(problems))
-  processes = args.num_processes or 1
-  if config.mesh:
-    shape = mesh.parse_mesh(config.mesh)
-    mesh.request_cpu_devices(shape, processes)
   if args.process_id == 0:
     cli.prepare_workdir(args.workdir, config.resume, args.overwrite)
   if args.num_processes:  # returns once every process has joined (after process 0's clean-up)

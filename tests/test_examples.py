@@ -479,3 +479,15 @@ def test_a_step_too_large_for_memory_is_refused_naming_seq_len_and_batch_size(
   assert "needs about 3.8 GiB" in message and "only 1.0 GiB of memory is available" in message
   assert "--seq-len 256 fits at --batch-size 16" in message
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_mesh_of_more_devices_than_exist_is_reported_first_with_the_device_count(
+  tmp_path, capsys
+):
+  with pytest.raises(SystemExit) as exit_info:
+    pretrain.main(["--workdir", str(tmp_path / "run"), "--mesh", "data=1000", "--batch-size", "16"])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.split("error: ", 1)[1]
+  assert error.startswith("--mesh data=1000 needs 1000 devices")
+  assert "at most max(8, cores)" in error  # the CPU backend: what it can ask for
+  assert not (tmp_path / "run").exists()
