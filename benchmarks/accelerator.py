@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from optax import contrib
-from step_time import galore_dimension_numbers
 from step_time import paired_ratio
 from step_time import round_robin
 
@@ -94,7 +93,7 @@ def optimizers(rank, gap, alpha, refresh):
   )
   txs = {} if refresh else {ADAMW: optax.adamw(0.01)}
   txs[CONTRIB] = contrib.galore(
-    0.01, rank, gap, alpha, weight_dimension_numbers=galore_dimension_numbers
+    0.01, rank, gap, alpha, weight_dimension_numbers=common.galore_dimension_numbers()
   )
   txs[GALORE] = fira_jax.galore_adamw(0.01, **kw)
   for basis in BASES:
@@ -153,7 +152,7 @@ def optimizer_candidate(name, tx, shapes, grads, dtype):
 
 def bound_candidate(shapes, grads, rank, dtype):
   """AdamW on the unprojected leaves plus both projection products of every projected one."""
-  layouts = fira_jax.projection.layouts_for(grads, common.fira_dimension_numbers(), rank)
+  layouts = fira_jax.Subspace(rank, common.fira_dimension_numbers()).layouts(grads)
   leaves = jax.tree.leaves(grads)
   projected = [i for i, lay in enumerate(layouts) if lay is not None]
   rest = [i for i, lay in enumerate(layouts) if lay is None]
@@ -170,8 +169,8 @@ def bound_candidate(shapes, grads, rank, dtype):
     for i in projected:
       lay = layouts[i]
       p = jnp.full(lay.projector_shape, 0.1, dtype)[None]
-      r = fira_jax.project(lay.to_matrices(flat[i]), p, lay.compressed_axis)
-      out.append(fira_jax.project_back(r, p, lay.compressed_axis))
+      r = fira_jax.project(lay.matrix.to_matrices(flat[i]), p, lay.compressed)
+      out.append(fira_jax.project_back(r, p, lay.compressed))
     return optax.apply_updates(params, updates), state, out
 
   return Candidate(BOUND, step, make_carry, grads)

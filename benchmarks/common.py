@@ -59,6 +59,11 @@ def concrete(shapes, seed=0, scale=0.02):
   )
 
 
+def galore_dimension_numbers():
+  """optax.contrib.galore's specs for the same attention/MLP kernels."""
+  return fira_jax.galore_dimension_numbers(fira_dimension_numbers())
+
+
 def fira_dimension_numbers(stacked=False):
   spec = fira_jax.FiraDimensionNumbers(1, 2) if stacked else fira_jax.FiraDimensionNumbers()
   return fira_jax.dimension_numbers_for_paths(ATTN_MLP, spec)

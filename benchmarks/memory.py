@@ -51,20 +51,6 @@ def state_table():
   return common.markdown_table(header, rows)
 
 
-def galore_dimension_numbers(params):
-  import re
-
-  regex = re.compile(common.ATTN_MLP)
-  return jax.tree_util.tree_map_with_path(
-    lambda path, x: (
-      contrib.GaLoreDimensionNumbers()
-      if x.ndim == 2 and regex.search(jax.tree_util.keystr(path))
-      else None
-    ),
-    params,
-  )
-
-
 def temp_table():
   hidden, ffn, layers, rank, gap, alpha = common.LLAMA["60M"]
   rows = []
@@ -80,7 +66,7 @@ def temp_table():
     }
     if not stacked:  # optax.contrib.galore cannot give stacked layers their own projectors
       txs["optax.contrib.galore"] = contrib.galore(
-        0.01, rank, gap, alpha, weight_dimension_numbers=galore_dimension_numbers
+        0.01, rank, gap, alpha, weight_dimension_numbers=common.galore_dimension_numbers()
       )
     for name, tx in txs.items():
       state = jax.eval_shape(tx.init, params)

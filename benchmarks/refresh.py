@@ -30,7 +30,6 @@ import optax
 import threadpoolctl
 
 import fira_jax
-from fira_jax import projection
 
 HIDDEN, FFN, RANK = 2048, 5461, 512
 
@@ -123,11 +122,11 @@ def time_both_ways(fn, repeats):
 
 def basis_rows(name, g, repeats):
   rows = []
-  layout = projection.matrix_layout(g.shape, fira_jax.FiraDimensionNumbers(), RANK)
+  (layout,) = fira_jax.Subspace(RANK).layouts(g)
   x = g[None]
-  axis = layout.compressed_axis
+  axis = layout.compressed
   keys = jax.random.split(jax.random.key(0), 1)
-  exact_fn = jax.jit(lambda x, axis=axis: projection.svd_projector(x, RANK, axis))
+  exact_fn = jax.jit(lambda x, axis=axis: fira_jax.svd_projector(x, RANK, axis))
   exact = exact_fn(x)
   exact_times = time_both_ways(lambda: jax.block_until_ready(exact_fn(x)), repeats)
   energy = lambda p: float(jnp.sum(jnp.square(fira_jax.project(x, p, axis))))
@@ -152,7 +151,7 @@ def basis_rows(name, g, repeats):
   rows.append(row("exact SVD", exact_times, best))
   for q in (0, 1, 2, 3):
     fn = jax.jit(
-      lambda x, k, axis=axis, q=q: projection.randomized_svd_projector(
+      lambda x, k, axis=axis, q=q: fira_jax.randomized_svd_projector(
         x, RANK, axis, k, power_iterations=q
       )
     )

@@ -77,12 +77,7 @@ def main():
   for name, (tx, options) in txs.items():
     state = jax.eval_shape(tx.init, params)
     state_sh = fira_jax.state_shardings(
-      tx,
-      params,
-      param_sh,
-      weight_dimension_numbers=options.get("weight_dimension_numbers"),
-      rank=options.get("rank", 128),
-      spread_moments=options.get("spread_moments", True),
+      tx, params, param_sh, spread_moments=options.get("spread_moments", True)
     )
     update = jax.jit(
       tx.update,

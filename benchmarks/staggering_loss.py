@@ -21,6 +21,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples")
 
 import train  # examples/train.py
 
+import fira_jax
+
 SCHEDULES = {"all at once (reference)": False, "staggered": True}
 
 
@@ -55,7 +57,7 @@ def run(seed: int, staggered: bool, projection: str, steps: int, root: pathlib.P
 def main():
   p = common.parser(__doc__)
   p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-  p.add_argument("--projection", default="svd", choices=("svd", "randomized_svd", "random"))
+  p.add_argument("--projection", default="svd", choices=fira_jax.PROJECTIONS)
   p.add_argument("--steps", type=int, default=train.Config.steps)
   args = p.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]

@@ -40,18 +40,6 @@ GALORE_READS = "fira_jax.galore_adamw plus two more reads of each projected G"
 TORCH_FIRA = "reference torch FiraAdamW (fira 1.0.2)"
 
 
-def galore_dimension_numbers(params):
-  regex = re.compile(common.ATTN_MLP)
-  return jax.tree_util.tree_map_with_path(
-    lambda path, x: (
-      contrib.GaLoreDimensionNumbers()
-      if x.ndim == 2 and regex.search(jax.tree_util.keystr(path))
-      else None
-    ),
-    params,
-  )
-
-
 def jax_optimizers(gap, stacked=False):
   kw = dict(
     rank=RANK,
@@ -74,7 +62,7 @@ def jax_optimizers(gap, stacked=False):
       txs["fira_jax.galore_adamw"], kw["weight_dimension_numbers"]
     )
     txs["optax.contrib.galore"] = contrib.galore(
-      0.01, RANK, gap, ALPHA, weight_dimension_numbers=galore_dimension_numbers
+      0.01, RANK, gap, ALPHA, weight_dimension_numbers=common.galore_dimension_numbers()
     )
   return txs
 
@@ -91,13 +79,13 @@ def with_two_more_reads(tx, dimension_numbers):
   def update_fn(grads, state, params=None):
     updates, state = tx.update(grads, state, params)
     leaves, treedef = jax.tree.flatten(grads)
-    layouts = fira_jax.projection.layouts_for(grads, dimension_numbers, RANK)
+    layouts = fira_jax.Subspace(RANK, dimension_numbers).layouts(grads)
     out = treedef.flatten_up_to(updates)
     for i, lay in enumerate(layouts):
       if lay is not None:
-        g = lay.to_matrices(leaves[i])
-        g_sq = jnp.sum(jnp.square(g), axis=lay.compressed_axis + 1, keepdims=True)
-        out[i] = out[i] + lay.from_matrices(1e-6 * jax.lax.rsqrt(g_sq + 1.0) * g)
+        g = lay.matrix.to_matrices(leaves[i])
+        g_sq = jnp.sum(jnp.square(g), axis=lay.rank_axis, keepdims=True)
+        out[i] = out[i] + lay.matrix.from_matrices(1e-6 * jax.lax.rsqrt(g_sq + 1.0) * g)
     return treedef.unflatten(out), state
 
   return optax.GradientTransformation(tx.init, update_fn)
@@ -133,7 +121,7 @@ def floor_step(adam_on_the_rest=False):
   """
   shapes = common.llama_shapes(HIDDEN, FFN, LAYERS)
   grads = common.concrete(shapes, seed=1)
-  layouts = fira_jax.projection.layouts_for(grads, common.fira_dimension_numbers(), RANK)
+  layouts = fira_jax.Subspace(RANK, common.fira_dimension_numbers()).layouts(grads)
   leaves = jax.tree.leaves(grads)
   pairs = [(leaf, lay) for leaf, lay in zip(leaves, layouts, strict=True) if lay is not None]
   projectors = [jnp.ones(lay.projector_shape) / 10 for _, lay in pairs]
@@ -143,9 +131,9 @@ def floor_step(adam_on_the_rest=False):
   def products(xs, ps):
     out = []
     for (_, lay), x, p in zip(pairs, xs, ps, strict=True):
-      m = lay.to_matrices(x)
-      r = fira_jax.project(m, p[None], lay.compressed_axis)
-      out.append(fira_jax.project_back(r, p[None], lay.compressed_axis))
+      m = lay.matrix.to_matrices(x)
+      r = fira_jax.project(m, p[None], lay.compressed)
+      out.append(fira_jax.project_back(r, p[None], lay.compressed))
     return out
 
   def step(params, state, xs, ps, grads):

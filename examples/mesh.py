@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import jax
-import optim
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -79,10 +78,7 @@ class Placement:
     self.mesh = mesh
     params = nnx.as_pure(nnx.state(model, optimizer.wrt))
     param_sh = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x, mesh)), params)
-    rank, dims, side = optim.low_rank_layout(config, model_config)
-    state_sh = fira_jax.state_shardings(
-      optimizer.tx, params, param_sh, weight_dimension_numbers=dims, rank=rank, compressed_side=side
-    )
+    state_sh = fira_jax.state_shardings(optimizer.tx, params, param_sh)
     self.param_shardings = jax.tree.leaves(param_sh)
     self.state_shardings = jax.tree.leaves(state_sh)
 

@@ -42,11 +42,10 @@ def trainable_filter(optimizer: str):
 
 
 def low_rank_layout(config, model_config: LlamaConfig):
-  """Fira/GaLore's rank, weight_dimension_numbers and compressed side for this model."""
+  """Fira/GaLore's rank and weight_dimension_numbers for this model."""
   rank = config.rank or max(1, model_config.hidden // 4)
   stacked = fira_jax.FiraDimensionNumbers(1, 2) if model_config.scan_layers else None
-  matrices = fira_jax.dimension_numbers_for_paths(MATRIX_PATTERN, stacked)
-  return rank, matrices, config.compressed_side
+  return rank, fira_jax.dimension_numbers_for_paths(MATRIX_PATTERN, stacked)
 
 
 def build_optimizer(config, model_config: LlamaConfig) -> optax.GradientTransformation:
@@ -62,7 +61,7 @@ def build_optimizer(config, model_config: LlamaConfig) -> optax.GradientTransfor
     weight_decay=config.weight_decay,
     mu_dtype=config.mu_dtype,
   )
-  rank, matrices, _ = low_rank_layout(config, model_config)
+  rank, matrices = low_rank_layout(config, model_config)
   low_rank = dict(
     rank=rank,
     update_proj_gap=config.update_proj_gap,
@@ -90,21 +89,13 @@ def build_optimizer(config, model_config: LlamaConfig) -> optax.GradientTransfor
         "optax.contrib.galore cannot give stacked (scanned) layers per-layer projectors;"
         " drop --scan-layers or use --optimizer galore."
       )
-
-    def galore_specs(tree):
-      return jax.tree.map(
-        lambda spec: None if spec is None else optax.contrib.GaLoreDimensionNumbers(),
-        matrices(tree),
-        is_leaf=lambda x: x is None or isinstance(x, fira_jax.FiraDimensionNumbers),
-      )
-
     return optax.contrib.galore(
       schedule,
       rank=rank,
       update_proj_gap=config.update_proj_gap,
       scale=config.scale,
       weight_decay=config.weight_decay,
-      weight_dimension_numbers=galore_specs,
+      weight_dimension_numbers=fira_jax.galore_dimension_numbers(matrices),
       base_optimizer=optax.scale_by_adam(config.b1, config.b2, config.eps),
     )
   if name == "adamw" and config.embed_lr:

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fira_jax import checks
+
 
 class ScaleByUncorrectedAdamState(NamedTuple):
   """State of :func:`scale_by_uncorrected_adam`."""
@@ -78,6 +80,17 @@ def scale_by_uncorrected_adam(
     return direction, ScaleByUncorrectedAdamState(mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def checked_reference_adam_hyperparams(b1=None, b2=None, eps=None) -> dict:
+  """The reference Adam's ``b1``, ``b2``, ``eps`` (defaults 0.9, 0.999, 1e-6), checked."""
+  b1 = 0.9 if b1 is None else b1
+  b2 = 0.999 if b2 is None else b2
+  eps = 1e-6 if eps is None else eps
+  checks.check_decay("b1", b1)
+  checks.check_decay("b2", b2)
+  checks.check_number("eps", eps, 0.0, True, ">= 0")
+  return dict(b1=b1, b2=b2, eps=eps)
 
 
 def _one_minus_power(b: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:

@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fira_jax import bases
 from fira_jax import fira
-from fira_jax import projection as projection_lib
+from fira_jax import layout as layout_lib
 from fira_jax import scaling as scaling_lib
+from fira_jax import subspace
 
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
 
@@ -38,25 +40,34 @@ def add_decayed_weights_after_step(
   the parameter after the Adam step. ``optax.add_decayed_weights`` decays the
   old weights instead; the two differ by ``η λ u_t``. Place it after
   ``scale_by_learning_rate``; ``learning_rate`` (η) is the un-negated rate.
+  Its state is ``optax.EmptyState()`` for a constant rate and
+  :class:`DecayUpdatedWeightsState` (a step count) for a schedule.
   """
+
+  scheduled = callable(learning_rate)
 
   def init_fn(params):
     del params
+    # A constant rate needs no step count (as optax.add_decayed_weights keeps none).
+    if not scheduled:
+      return optax.EmptyState()
     return DecayUpdatedWeightsState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("weight decay needs the parameters: call update(updates, state, params).")
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    lr = learning_rate(state.count) if scheduled else learning_rate
     # Integer and boolean parameters are not trained, so not decayed either.
     updates = jax.tree.map(
       lambda u, p: (
-        (u - lr * weight_decay * (p + u)).astype(u.dtype) if projection_lib.is_trainable(p) else u
+        (u - lr * weight_decay * (p + u)).astype(u.dtype) if layout_lib.is_trainable(p) else u
       ),
       updates,
       params,
     )
-    return updates, DecayUpdatedWeightsState(count=optax.safe_int32_increment(state.count))
+    if scheduled:
+      state = DecayUpdatedWeightsState(count=optax.safe_int32_increment(state.count))
+    return updates, state
 
   tx = optax.GradientTransformation(init_fn, update_fn)
   return tx if mask is None else optax.masked(tx, mask)
@@ -75,11 +86,11 @@ def fira_adamw(
   *,
   mu_dtype: jax.typing.DTypeLike | None = None,
   norm_growth_limit: jax.typing.ArrayLike | None = 1.01,
-  weight_dimension_numbers: projection_lib.DimensionNumbersOrFn = None,
-  compressed_side: projection_lib.CompressedSide = "smaller",
+  weight_dimension_numbers: layout_lib.DimensionNumbersOrFn = None,
+  compressed_side: subspace.CompressedSide = "smaller",
   scaling: scaling_lib.Scaling = "column",
   formulation: fira.Formulation = "reference",
-  projection: projection_lib.Projection = "svd",
+  projection: bases.Projection = "svd",
   projection_seed: int = 0,
   staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
@@ -146,7 +157,7 @@ def fira_adamw(
     Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
     Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
   """
-  return optax.chain(
+  return _adamw_chain(
     fira.scale_by_fira(
       rank=rank,
       update_proj_gap=update_proj_gap,
@@ -164,8 +175,9 @@ def fira_adamw(
       projection_seed=projection_seed,
       staggered_refresh=staggered_refresh,
     ),
-    optax.scale_by_learning_rate(learning_rate),
-    add_decayed_weights_after_step(learning_rate, weight_decay, mask),
+    learning_rate,
+    weight_decay,
+    mask,
   )
 
 
@@ -181,9 +193,9 @@ def galore_adamw(
   mask: MaskOrFn = None,
   *,
   mu_dtype: jax.typing.DTypeLike | None = None,
-  weight_dimension_numbers: projection_lib.DimensionNumbersOrFn = None,
-  compressed_side: projection_lib.CompressedSide = "smaller",
-  projection: projection_lib.Projection = "svd",
+  weight_dimension_numbers: layout_lib.DimensionNumbersOrFn = None,
+  compressed_side: subspace.CompressedSide = "smaller",
+  projection: bases.Projection = "svd",
   projection_seed: int = 0,
   staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
@@ -208,7 +220,7 @@ def galore_adamw(
     Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
     Projection <https://arxiv.org/abs/2403.03507>`_, 2024
   """
-  return optax.chain(
+  return _adamw_chain(
     fira.scale_by_fira(
       rank=rank,
       update_proj_gap=update_proj_gap,
@@ -224,6 +236,16 @@ def galore_adamw(
       projection_seed=projection_seed,
       staggered_refresh=staggered_refresh,
     ),
+    learning_rate,
+    weight_decay,
+    mask,
+  )
+
+
+def _adamw_chain(core, learning_rate, weight_decay, mask) -> optax.GradientTransformation:
+  """``core`` followed by the learning rate and the reference's decoupled weight decay."""
+  return optax.chain(
+    core,
     optax.scale_by_learning_rate(learning_rate),
     add_decayed_weights_after_step(learning_rate, weight_decay, mask),
   )

@@ -1,19 +1,9 @@
-"""Fira: low-rank optimizer state, full-rank update (Chen et al., 2024, Algorithm 1).
+"""scale_by_fira: Fira's learning-rate-free update, fused, across a tree of parameters.
 
-For each projected matrix ``G`` with projector ``P`` (refreshed from the SVD of
-``G`` every ``update_proj_gap`` steps), the reference implementation computes::
-
-  R = Pᵀ G                              # project into the rank-r subspace
-  N = ψ(R)                              # base optimizer (Adam) in the subspace
-  φ = ‖N‖ / (‖R‖ + 1e-8)                # norm-based scaling, per column
-  S = φ ⊙ (G − α P R)                   # residual outside the subspace (*)
-  S = S / λ(‖S‖, ‖S_prev‖, γ)           # norm-growth limiter
-  update = α P N + S                    # (**)
-
-(*) the paper's Algorithm 1 writes ``(I − P Pᵀ) G``: the reference subtracts
-only ``α`` times the in-subspace part. (**) the paper writes ``α (P N + S)``:
-the reference does not multiply ``S`` by ``α``. ``formulation="paper"`` gives
-the paper's version of both.
+Per projected leaf: refresh the basis when due (:mod:`fira_jax.refresh`), project
+(:mod:`fira_jax.subspace`), run the base optimizer on the low-rank matrices, then Fira's
+fused update (:mod:`fira_jax.step`). The same algorithm, one piece per transformation,
+is :func:`fira_jax.fira_chain` (:mod:`fira_jax.algorithm`).
 """
 
 from __future__ import annotations
@@ -26,12 +16,14 @@ import jax.numpy as jnp
 import optax
 
 from fira_jax import adam
+from fira_jax import bases
 from fira_jax import checks
 from fira_jax import explicit_sharding
-from fira_jax import limiter
-from fira_jax import projection as projection_lib
+from fira_jax import layout as layout_lib
 from fira_jax import refresh
 from fira_jax import scaling as scaling_lib
+from fira_jax import step
+from fira_jax import subspace
 
 Formulation = Literal["reference", "paper"]
 FORMULATIONS = ("reference", "paper")
@@ -50,65 +42,6 @@ class FiraState(NamedTuple):
   residual_norm: optax.Updates  # float32, batch_shape: the limiter's ‖S_{t-1}‖
 
 
-def check_state_shapes(updates, layouts, stored_projectors, stored_norms) -> None:
-  """Raises a ValueError naming the leaf whose shape differs from the one at init."""
-  names = projection_lib.leaf_names(updates)
-  for i, layout in enumerate(layouts):
-    if layout is None:
-      continue
-    for stored, expected, what in (
-      (stored_projectors[i], layout.projector_shape, "projector"),
-      (stored_norms[i], layout.batch_shape, "limiter norm"),
-    ):
-      if not isinstance(stored, optax.MaskedNode) and jnp.shape(stored) != expected:
-        raise ValueError(
-          f"{names[i]} has shape {layout.shape}, but the optimizer state holds a {what} of"
-          f" shape {jnp.shape(stored)} for it (expected {expected}): the state was"
-          " initialized for parameters of another shape, or with other"
-          " weight_dimension_numbers, rank or compressed_side."
-        )
-
-
-def check_base_state_shapes(state, expected) -> None:
-  """Raises a ValueError naming the first base-optimizer state leaf of the wrong shape."""
-  got, got_def = jax.tree_util.tree_flatten_with_path(state)
-  want, want_def = jax.tree_util.tree_flatten_with_path(expected)
-  if got_def != want_def:
-    raise ValueError(
-      "scale_by_fira: the base optimizer's state does not have the structure that the"
-      " updates call for; call init on the parameters you update."
-    )
-  for (path, x), (_, y) in zip(got, want, strict=True):
-    if jnp.shape(x) != jnp.shape(y):
-      raise ValueError(
-        f"optimizer state leaf base_optimizer_state{jax.tree_util.keystr(path)} has shape"
-        f" {jnp.shape(x)}, but the updates call for {jnp.shape(y)}: the state was"
-        " initialized for parameters of another shape, or with other"
-        " weight_dimension_numbers, rank or compressed_side."
-      )
-
-
-CANCELLATION = 1e-3  # ‖S‖² below this share of ‖φ⊙G‖² is recomputed from S itself
-
-
-def exact_where_cancelled(s_sq, phi_x_sq, phi, x, a, r, p, axis):
-  """``‖S‖²`` per matrix, recomputed from ``S = φ ⊙ (X − a back(R))`` where the
-  difference of squares ``‖φ⊙X‖² − …`` cancels (a residual far smaller than ``φ⊙X``).
-
-  There, float32 rounding of the difference is larger than ``‖S‖²`` itself, and the limiter
-  would record noise that then governs many steps. The extra back-projection runs only on
-  steps where some matrix of the leaf cancels (a ``lax.cond``).
-  """
-  cancelled = s_sq <= CANCELLATION * phi_x_sq
-
-  def from_residual():
-    back = projection_lib.project_back(r.astype(jnp.float32), p.astype(jnp.float32), axis)
-    exact = jnp.sum(jnp.square(phi * (x.astype(jnp.float32) - a * back)), axis=(1, 2))
-    return jnp.where(cancelled, exact, s_sq)
-
-  return jax.lax.cond(jnp.any(cancelled), from_residual, lambda: jnp.maximum(s_sq, 0.0))
-
-
 def scale_by_fira(
   rank: int = 128,
   update_proj_gap: int = 200,
@@ -120,12 +53,12 @@ def scale_by_fira(
   eps: jax.typing.ArrayLike | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   norm_growth_limit: jax.typing.ArrayLike | None = 1.01,
-  weight_dimension_numbers: projection_lib.DimensionNumbersOrFn = None,
-  compressed_side: projection_lib.CompressedSide = "smaller",
+  weight_dimension_numbers: layout_lib.DimensionNumbersOrFn = None,
+  compressed_side: subspace.CompressedSide = "smaller",
   scaling: scaling_lib.Scaling = "column",
   formulation: Formulation = "reference",
   residual: bool = True,
-  projection: projection_lib.Projection = "svd",
+  projection: bases.Projection = "svd",
   projection_seed: int = 0,
   staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
@@ -151,26 +84,25 @@ def scale_by_fira(
     rank: the subspace rank ``r`` (static). Clipped to each matrix's smaller
       dimension.
     update_proj_gap: ``T``, steps between projector refreshes (static).
-    scale: ``α``. The reference multiplies only the subspace term by it.
+    scale: ``α``. The reference multiplies only the subspace term by it. The
+      default 1.0 is the reference's default; the paper trains with 0.25
+      (0.0625 at 1B and 7B).
     base_optimizer: a gradient-only transformation run in the subspace (and on
       unprojected leaves at full shape), e.g. ``optax.scale_by_adam()``. It
       must not need ``params``. Default: :func:`scale_by_uncorrected_adam`
       followed by Adam's step-size bias correction (the reference).
     b1: the default Adam's ``β₁`` (0.9); only with ``base_optimizer=None``.
     b2: the default Adam's ``β₂`` (0.999); only with ``base_optimizer=None``.
-    eps: the default Adam's ``ε`` (1e-6); only with ``base_optimizer=None``.
+    eps: the default Adam's ``ε`` (1e-6, the reference's, where optax's
+      Adam uses 1e-8); only with ``base_optimizer=None``.
     mu_dtype: the default Adam's first-moment dtype; only with
       ``base_optimizer=None``.
     norm_growth_limit: ``γ``, the largest growth of ``‖S‖`` per step (1.01 in
       the reference), or None for no limiter.
     weight_dimension_numbers: which leaves are projected and which axes form
-      their matrices: None (every 2-D leaf, as ``(in, out)``), one
-      :class:`FiraDimensionNumbers` (every leaf with ≥ 2 dimensions), a
-      prefix tree of them and None, or a callable of the updates returning
-      one of those. Static.
-    compressed_side: ``"smaller"`` (the reference: the smaller side, the
-      input side of square matrices), ``"larger"`` (``optax.contrib.galore``),
-      ``"reduction"`` or ``"output"``.
+      their matrices; see :class:`Subspace`. Static.
+    compressed_side: which side of each matrix is compressed; see
+      :class:`Subspace`.
     scaling: ``"column"`` (the reference: one factor per channel of the kept
       side) or ``"matrix"`` (one factor per matrix, the paper's ablation).
     formulation: ``"reference"`` (the code that produced the paper's numbers)
@@ -217,17 +149,9 @@ def scale_by_fira(
     each leaf has its own ``lax.cond`` and only the due slices are computed.
 
   .. note::
-    The residual ``S`` is never formed: since ``φ`` scales whole columns of
-    the kept side, ``φ ⊙ (P R) = P (φ ⊙ R)``, so the update is
-    ``(φ / λ) ⊙ G + P (α N − (α / λ) φ ⊙ R)`` and
-    ``‖S‖² = ‖φ⊙G‖² − 2α‖φ⊙R‖² + α² tr((φ⊙R)ᵀ PᵀP (φ⊙R))``: two matrix
-    products per matrix, as GaLore. ``‖φ⊙G‖²`` and ``‖φ⊙R‖²`` are sums over
-    channels of ``φ_j²`` times the channels' squared norms, the latter already
-    computed for ``φ``. ``PᵀP`` is taken as ``I`` for float32 SVD bases and
-    computed for the others. A difference of squares cancels when ``‖S‖²`` is
-    below ``10⁻³ ‖φ⊙G‖²`` (α near 1 and a gradient almost inside the
-    subspace): on such steps ``‖S‖`` is recomputed from ``S`` itself, as the
-    reference computes it (one more product, under a ``lax.cond``).
+    This is the fused form of :func:`fira_chain` (the same update, Algorithm 1 as a
+    chain of its pieces): the residual ``S`` is never formed, so a step costs
+    two matrix products per matrix, as GaLore (see :mod:`fira_jax.step`).
 
   .. note::
     Under a mesh with explicit axes (``jax.set_mesh``), the update runs under
@@ -245,282 +169,105 @@ def scale_by_fira(
     Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
     Projection <https://arxiv.org/abs/2403.03507>`_, 2024
   """
-  checks.check_positive_int("rank", rank)
   checks.check_positive_int("update_proj_gap", update_proj_gap)
-  checks.check_number("scale", scale, 0.0, False, "positive")
-  checks.check_choice("compressed_side", compressed_side, projection_lib.COMPRESSED_SIDES)
   checks.check_choice("scaling", scaling, scaling_lib.SCALINGS)
   checks.check_choice("formulation", formulation, FORMULATIONS)
-  checks.check_choice("projection", projection, projection_lib.PROJECTIONS)
-  if isinstance(projection_seed, (bool, float)):
-    raise TypeError(f"projection_seed must be an int, got {projection_seed!r}.")
-  if norm_growth_limit is not None:
-    checks.check_number("norm_growth_limit", norm_growth_limit, 1.0, True, ">= 1 (or None)")
+  checks.check_choice("projection", projection, bases.PROJECTIONS)
+  space = checks.checked_subspace(rank, weight_dimension_numbers, compressed_side)
+  hyperparams = checks.checked_fira_hyperparams(scale, norm_growth_limit, projection_seed)
   if base_optimizer is None:
-    b1 = 0.9 if b1 is None else b1
-    b2 = 0.999 if b2 is None else b2
-    eps = 1e-6 if eps is None else eps
-    checks.check_decay("b1", b1)
-    checks.check_decay("b2", b2)
-    checks.check_number("eps", eps, 0.0, True, ">= 0")
-    base_optimizer = adam.scale_by_uncorrected_adam(b1, b2, eps, mu_dtype)
-    correct_step_size = True
+    hyperparams.update(adam.checked_reference_adam_hyperparams(b1, b2, eps))
+    base_optimizer = adam.scale_by_uncorrected_adam(mu_dtype=mu_dtype, **_adam(hyperparams))
   else:
-    given = [
-      n for n, v in (("b1", b1), ("b2", b2), ("eps", eps), ("mu_dtype", mu_dtype)) if v is not None
-    ]
-    if given:
-      raise ValueError(
-        f"{', '.join(given)} configure the default Adam and cannot be combined"
-        " with base_optimizer; configure the base optimizer instead."
-      )
-    correct_step_size = False
-  use_limiter = residual and norm_growth_limit is not None
-  # Numeric hyperparameters (arrays under optax.inject_hyperparams). The update takes them as
-  # an argument instead of closing over them, so that under an explicit-axes mesh it can run
-  # under auto_axes with them re-typed like its other inputs (see explicit_sharding).
-  hyperparams = dict(
-    scale=scale, norm_growth_limit=norm_growth_limit, projection_seed=projection_seed
-  )
-  if correct_step_size:
-    hyperparams.update(b1=b1, b2=b2, eps=eps)
-
-  def layouts_of(tree):
-    return projection_lib.layouts_for(tree, weight_dimension_numbers, rank, compressed_side)
-
+    checks.check_unused_with_base_optimizer(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+  correct_step_size = "b1" in hyperparams
   stores_projector = projection != "random"
-
-  def low_rank_proxies(tree, layouts):
-    """What the base optimizer sees: low-rank zeros for projected leaves, no frozen ones."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten(
-      [
-        (x if projection_lib.is_trainable(x) else optax.MaskedNode())
-        if layout is None
-        else jnp.zeros(layout.low_rank_shape, jnp.asarray(x).dtype)
-        for x, layout in zip(leaves, layouts, strict=True)
-      ]
-    )
+  use_limiter = residual and norm_growth_limit is not None
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
-    layouts = layouts_of(params)
-    projectors = projection_lib.masked_like(
-      leaves,
-      layouts,
-      lambda x, lay: (
-        jnp.zeros(lay.projector_shape, jnp.asarray(x).dtype)
-        if stores_projector
-        else optax.MaskedNode()
-      ),
-    )
-    norms = projection_lib.masked_like(
-      leaves,
-      layouts,
-      lambda x, lay: jnp.zeros(lay.batch_shape, jnp.float32) if use_limiter else optax.MaskedNode(),
-    )
+    layouts = space.layouts(params)
+    new_projector = lambda x, lay: jnp.zeros(lay.projector_shape, x.dtype)
+    new_norm = lambda x, lay: jnp.zeros(lay.batch_shape, jnp.float32)
     return FiraState(
       count=jnp.zeros([], jnp.int32),
-      base_optimizer_state=base_optimizer.init(low_rank_proxies(params, layouts)),
-      projector=treedef.unflatten(projectors),
-      residual_norm=treedef.unflatten(norms),
+      base_optimizer_state=base_optimizer.init(subspace.low_rank_inputs(params, layouts)),
+      projector=subspace.per_projected_leaf(
+        params, layouts, new_projector if stores_projector else None
+      ),
+      residual_norm=subspace.per_projected_leaf(params, layouts, new_norm if use_limiter else None),
     )
 
-  def basis(matrices, layout, matrix_ids, refresh_ids, seed):
-    """The basis of ``(n, reduction, output)`` matrices with global ids ``matrix_ids``."""
-    if projection == "svd":
-      return projection_lib.svd_projector(matrices, layout.rank, layout.compressed_axis)
-    keys = refresh.projection_keys(seed, matrix_ids, refresh_ids)
-    if projection == "randomized_svd":
-      return projection_lib.randomized_svd_projector(
-        matrices, layout.rank, layout.compressed_axis, keys
-      )
-    return jax.vmap(
-      lambda k: projection_lib.random_projector(
-        k, layout.compressed_size, layout.rank, matrices.dtype
-      )
-    )(keys)
+  def leaf_update(x, p, r, n, stored_norm, lay, hp, count):
+    """``α P N + S / λ`` (``α P N`` without the residual) and the leaf's new limiter norm."""
+    if not residual:  # GaLore
+      return subspace.project_back(hp["scale"] * n, p, lay.compressed).astype(x.dtype), stored_norm
+    update, norm = step.fira_update(
+      x,
+      p,
+      r,
+      n,
+      jnp.reshape(stored_norm, (-1,)) if use_limiter else None,
+      count == 0,
+      lay,
+      scale=hp["scale"],
+      norm_growth_limit=hp["norm_growth_limit"],
+      scaling=scaling,
+      paper=formulation == "paper",
+      orthonormal=projection != "random" and p.dtype == jnp.float32,
+    )
+    return update, jnp.reshape(norm, lay.batch_shape) if use_limiter else stored_norm
 
   def update_fn(updates, state, hp):
-    # Every numeric hyperparameter from hp (they shadow the factory's arguments on purpose).
-    scale, norm_growth_limit, seed = hp["scale"], hp["norm_growth_limit"], hp["projection_seed"]
-    if correct_step_size:
-      b1, b2, eps = hp["b1"], hp["b2"], hp["eps"]
-      base = adam.scale_by_uncorrected_adam(b1, b2, eps, mu_dtype)
-    else:
-      base = base_optimizer
+    base = base_optimizer
+    if correct_step_size:  # rebuilt from hp, the (possibly injected) hyperparameters
+      base = adam.scale_by_uncorrected_adam(mu_dtype=mu_dtype, **_adam(hp))
+    layouts = space.layouts(updates)
     leaves, treedef = jax.tree.flatten(updates)
-    layouts = layouts_of(updates)
-    projected = [i for i, layout in enumerate(layouts) if layout is not None]
-    try:
-      stored_projectors = treedef.flatten_up_to(state.projector)
-      stored_norms = treedef.flatten_up_to(state.residual_norm)
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-        "scale_by_fira: the updates' tree does not match the tree the state was"
-        f" initialized with; call init on the parameters you update. ({e})"
-      ) from e
-    check_state_shapes(updates, layouts, stored_projectors, stored_norms)
-    check_base_state_shapes(
-      state.base_optimizer_state,
-      jax.eval_shape(base.init, low_rank_proxies(updates, layouts)),
+    stored_projectors, stored_norms = _checked_state(updates, state, layouts, base)
+    projected = [i for i, lay in enumerate(layouts) if lay is not None]
+    lays = [layouts[i] for i in projected]
+    x = [lay.matrix.to_matrices(leaves[i]) for i, lay in zip(projected, lays, strict=True)]
+    p = refresh.refresh_projectors(
+      state.count,
+      x,
+      [lay.matrix.to_batched(stored_projectors[i]) for i, lay in zip(projected, lays, strict=True)]
+      if stores_projector
+      else None,
+      lays,
+      gap=update_proj_gap,
+      projection=projection,
+      seed=hp["projection_seed"],
+      staggered=staggered_refresh,
     )
-    matrices = {i: layouts[i].to_matrices(leaves[i]) for i in projected}
-    schedule = refresh.schedule_for(layouts, update_proj_gap, staggered_refresh)
-    count = state.count
-
-    if projection == "random":
-      # Nothing stored: every step regenerates each basis from its key.
-      new_projectors = {
-        i: basis(
-          matrices[i],
-          layouts[i],
-          schedule.matrix_ids[i],
-          schedule.refresh_index(count, i),
-          seed,
-        )
-        for i in projected
-      }
-    else:
-      stored = {i: layouts[i].to_batched(stored_projectors[i]) for i in projected}
-      # A zero first column: never computed from a finite gradient (init, or every
-      # refresh so far saw NaN/Inf). Such slices refresh on the next step, off schedule.
-      missing = {i: jnp.all(stored[i][..., 0] == 0, axis=-1) for i in projected}
-      if not staggered_refresh:
-        # Refresh every projector on steps 0, T, 2T, ... (one cond for the tree, with an
-        # unbatched predicate, so the SVDs run only on those steps).
-        on_schedule = count % update_proj_gap == 0
-
-        def refreshed():
-          return [
-            refresh.keep_finite(
-              basis(
-                matrices[i],
-                layouts[i],
-                schedule.matrix_ids[i],
-                schedule.refresh_index(count, i),
-                seed,
-              ),
-              stored[i],
-              on_schedule | missing[i],
-            )
-            for i in projected
-          ]
-
-        any_missing = jnp.any(jnp.stack([jnp.any(m) for m in missing.values()] or [False]))
-        new_projectors = dict(
-          zip(
-            projected,
-            jax.lax.cond(
-              on_schedule | any_missing, refreshed, lambda: [stored[i] for i in projected]
-            ),
-            strict=True,
-          )
-        )
-      else:
-        new_projectors = {
-          i: refresh.refresh_due_slices(
-            matrices[i],
-            stored[i],
-            schedule.is_due(count, i) | missing[i],
-            lambda x, b, i=i: basis(
-              x,
-              layouts[i],
-              jnp.asarray(schedule.matrix_ids[i])[b][None],
-              schedule.refresh_index(count, i)[b][None],
-              seed,
-            ),
-          )
-          for i in projected
-        }
-
-    low_rank = {
-      i: projection_lib.project(matrices[i], new_projectors[i], layouts[i].compressed_axis)
-      for i in projected
-    }
-    # Integer, boolean and float0 leaves are not trained: no state, a zero update.
-    frozen = [i for i, g in enumerate(leaves) if not projection_lib.is_trainable(g)]
-    base_inputs = [
-      layouts[i].from_batched(low_rank[i])
-      if i in low_rank
-      else (optax.MaskedNode() if i in frozen else g)
-      for i, g in enumerate(leaves)
-    ]
+    r = [subspace.project(*args, lay.compressed) for *args, lay in zip(x, p, lays, strict=True)]
+    low_rank = dict(zip(projected, r, strict=True))
     base_outputs, base_state = base.update(
-      treedef.unflatten(base_inputs), state.base_optimizer_state, None
+      subspace.low_rank_inputs(updates, layouts, low_rank), state.base_optimizer_state, None
     )
     base_outputs = treedef.flatten_up_to(base_outputs)
-
-    is_first_step = count == 0
-    new_leaves = list(base_outputs)
-    for i in frozen:
-      new_leaves[i] = (
-        leaves[i] if leaves[i].dtype == jax.dtypes.float0 else jnp.zeros_like(leaves[i])
-      )
+    new_leaves = [
+      n if layout_lib.is_trainable(g) else _zero_update(g)
+      for g, n in zip(leaves, base_outputs, strict=True)
+    ]
     new_norms = list(stored_norms)
-    for i in projected:
-      layout, p, r, x = layouts[i], new_projectors[i], low_rank[i], matrices[i]
-      axis = layout.compressed_axis
-      n = layout.to_batched(base_outputs[i])
-      if not residual:
-        update = projection_lib.project_back(scale * n, p, axis)
-      else:
-        phi, r_sq = scaling_lib.norm_based_scaling(n, r, projection_lib.rank_axis(axis), scaling)
-        # S = φ ⊙ (X − a P R) with a = α (reference) or 1 (paper). φ scales whole
-        # columns of the kept side, which P does not mix, so φ ⊙ (P R) = P (φ ⊙ R):
-        #   ‖S‖² = ‖φ⊙X‖² − 2a ⟨φ⊙X, P(φ⊙R)⟩ + a² ‖P(φ⊙R)‖²
-        #        = ‖φ⊙X‖² − 2a ‖φ⊙R‖²        + a² tr((φ⊙R)ᵀ PᵀP (φ⊙R)),
-        # since Pᵀ(φ⊙X) = φ⊙R by definition of R (any P), and
-        #   update = α P N + c S / λ = (c φ / λ) ⊙ X + P (α N − (α / λ) φ⊙R),
-        # with c = 1 (reference) or α (paper), for which c·a = α in both. Two
-        # matrix products in all (R and one back-projection): no third one for P R.
-        a = scale if formulation == "reference" else 1.0
-        c = 1.0 if formulation == "reference" else scale
-        # Per channel j of the kept side: ‖X_j‖² here, ‖R_j‖² from the scaling, so that
-        # ‖φ⊙X‖² and ‖φ⊙R‖² are sums over channels, not passes over X or R.
-        x_sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis + 1, keepdims=True)
-        phi_sq = jnp.square(phi)
-        if projection == "random" or p.dtype != jnp.float32:
-          phi_r = phi * r.astype(jnp.float32)
-          gram = jnp.einsum("bkr,bks->brs", p, p, preferred_element_type=jnp.float32)
-          applied = gram @ phi_r if axis == 0 else phi_r @ gram
-          quad = jnp.sum(applied * phi_r, axis=(1, 2))
-          s_sq = jnp.sum(phi_sq * (x_sq - 2 * a * r_sq), axis=(1, 2)) + a * a * quad
-        else:  # a float32 SVD basis is orthonormal to working precision: PᵀP = I
-          s_sq = jnp.sum(phi_sq * (x_sq - (2 * a - a * a) * r_sq), axis=(1, 2))
-        s_sq = exact_where_cancelled(
-          s_sq, jnp.sum(phi_sq * x_sq, axis=(1, 2)), phi, x, a, r, p, axis
-        )
-        if use_limiter:
-          divisor, norm = limiter.norm_growth_divisor(
-            jnp.sqrt(s_sq), jnp.reshape(stored_norms[i], (-1,)), norm_growth_limit, is_first_step
-          )
-          new_norms[i] = jnp.reshape(norm, layout.batch_shape)
-          divisor = divisor[:, None, None]
-        else:
-          divisor = 1.0
-        low = scale * n.astype(jnp.float32) - (scale / divisor) * phi * r.astype(jnp.float32)
-        low = low.astype(n.dtype)
-        update = (c * phi / divisor) * x + projection_lib.project_back(low, p, axis)
-      new_leaves[i] = layout.from_matrices(update.astype(x.dtype))
-
-    count = optax.safe_int32_increment(count)
+    for j, (i, lay) in enumerate(zip(projected, lays, strict=True)):
+      n = lay.matrix.to_batched(base_outputs[i])
+      update, new_norms[i] = leaf_update(x[j], p[j], r[j], n, stored_norms[i], lay, hp, state.count)
+      new_leaves[i] = lay.matrix.from_matrices(update)
+    count = optax.safe_int32_increment(state.count)
     if correct_step_size:
-      step_size = adam.adam_step_size(count, b1, b2)
+      step_size = adam.adam_step_size(count, hp["b1"], hp["b2"])
       new_leaves = [
-        u if i in frozen else (step_size * u).astype(u.dtype) for i, u in enumerate(new_leaves)
+        (step_size * u).astype(u.dtype) if layout_lib.is_trainable(g) else u
+        for u, g in zip(new_leaves, leaves, strict=True)
       ]
+    if stores_projector:
+      for i, lay, pj in zip(projected, lays, p, strict=True):
+        stored_projectors[i] = lay.matrix.from_batched(pj)
     new_state = FiraState(
       count=count,
       base_optimizer_state=base_state,
-      projector=treedef.unflatten(
-        [
-          layouts[i].from_batched(new_projectors[i])
-          if i in new_projectors and stores_projector
-          else stored_projectors[i]
-          for i in range(len(leaves))
-        ]
-      ),
+      projector=treedef.unflatten(stored_projectors),
       residual_norm=treedef.unflatten(new_norms),
     )
     return treedef.unflatten(new_leaves), new_state
@@ -528,3 +275,47 @@ def scale_by_fira(
   return optax.GradientTransformation(
     init_fn, explicit_sharding.with_auto_axes(update_fn, hyperparams)
   )
+
+
+def _adam(hp):
+  return dict(b1=hp["b1"], b2=hp["b2"], eps=hp["eps"])
+
+
+def _zero_update(g):
+  """Integer, boolean and float0 leaves are not trained: a zero update."""
+  return g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g)
+
+
+def _checked_state(updates, state, layouts, base):
+  """The stored projectors and norms as lists, after checking the state fits ``updates``."""
+  treedef = jax.tree.structure(updates)
+  try:
+    stored_projectors = treedef.flatten_up_to(state.projector)
+    stored_norms = treedef.flatten_up_to(state.residual_norm)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      "scale_by_fira: the updates' tree does not match the tree the state was"
+      f" initialized with; call init on the parameters you update. ({e})"
+    ) from e
+  names = layout_lib.leaf_names(updates)
+  for name, lay, projector, norm in zip(
+    names, layouts, stored_projectors, stored_norms, strict=True
+  ):
+    if lay is None:
+      continue
+    for stored, expected, what in (
+      (projector, lay.projector_shape, "projector"),
+      (norm, lay.batch_shape, "limiter norm"),
+    ):
+      if not isinstance(stored, optax.MaskedNode) and jnp.shape(stored) != expected:
+        raise ValueError(
+          f"{name} has shape {lay.matrix.shape}, but the optimizer state holds a {what} of"
+          f" shape {jnp.shape(stored)} for it (expected {expected}): the state was"
+          " initialized for parameters of another shape, or with other"
+          " weight_dimension_numbers, rank or compressed_side."
+        )
+  checks.check_same_shapes(
+    state.base_optimizer_state,
+    jax.eval_shape(base.init, subspace.low_rank_inputs(updates, layouts)),
+  )
+  return stored_projectors, stored_norms

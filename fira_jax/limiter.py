@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from fira_jax import checks
-from fira_jax import projection
+from fira_jax import layout as layout_lib
 
 LIMITER_EPS = 1e-8  # the reference's constant, added to the previous norm
 
@@ -97,25 +97,25 @@ class ClipByNormGrowthState(NamedTuple):
   previous_norm: optax.Updates  # per leaf: float32, shape=batch_shape
 
 
-def _as_matrices(x: jax.Array, layout: projection.MatrixLayout | None) -> jax.Array:
+def _as_matrices(x: jax.Array, layout: layout_lib.MatrixLayout | None) -> jax.Array:
   if layout is None:  # the whole leaf is one "matrix"
     return jnp.reshape(x, (1, 1, -1))
   return layout.to_matrices(x)
 
 
-def _from_matrices(x: jax.Array, shape, layout: projection.MatrixLayout | None):
+def _from_matrices(x: jax.Array, shape, layout: layout_lib.MatrixLayout | None):
   if layout is None:
     return jnp.reshape(x, shape)
   return layout.from_matrices(x)
 
 
-def _norm_shape(layout: projection.MatrixLayout | None) -> tuple[int, ...]:
+def _norm_shape(layout: layout_lib.MatrixLayout | None) -> tuple[int, ...]:
   return () if layout is None else layout.batch_shape
 
 
 def clip_by_norm_growth(
   growth_limit: jax.typing.ArrayLike = 1.01,
-  weight_dimension_numbers: projection.DimensionNumbersOrFn = None,
+  weight_dimension_numbers: layout_lib.DimensionNumbersOrFn = None,
 ) -> optax.GradientTransformation:
   r"""Limits the growth of each update's norm to ``growth_limit`` per step.
 
@@ -155,11 +155,10 @@ def clip_by_norm_growth(
   checks.check_number("growth_limit", growth_limit, 1.0, True, ">= 1")
 
   def layouts(tree):
-    # The limiter has no rank; any positive value keeps every layout.
-    specs = projection.resolve_dimension_numbers(weight_dimension_numbers, tree)
-    names = projection.leaf_names(tree)
+    specs = layout_lib.resolve_dimension_numbers(weight_dimension_numbers, tree)
+    names = layout_lib.leaf_names(tree)
     return [
-      None if spec is None else projection.matrix_layout(jnp.shape(x), spec, 1, "smaller", name)
+      None if spec is None else layout_lib.matrix_layout(jnp.shape(x), spec, name)
       for x, spec, name in zip(jax.tree.leaves(tree), specs, names, strict=True)
     ]
 

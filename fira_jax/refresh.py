@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fira_jax import projection
+from fira_jax import bases
+from fira_jax import subspace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +38,11 @@ class RefreshSchedule:
   """Static per-matrix ids and offsets of the projected leaves of one tree."""
 
   gap: int
-  matrix_ids: dict[int, np.ndarray]  # leaf index -> (B,) global matrix ids
-  offsets: dict[int, np.ndarray]  # leaf index -> (B,) offsets in [0, gap)
+  matrix_ids: list[np.ndarray]  # per projected leaf: (B,) global matrix ids
+  offsets: list[np.ndarray]  # per projected leaf: (B,) offsets in [0, gap)
 
   def is_due(self, count: jax.Array, leaf: int) -> jax.Array:
-    """``(B,)`` booleans: which slices of ``leaf`` refresh on step ``count``."""
+    """``(B,)`` booleans: which slices of projected leaf ``leaf`` refresh on step ``count``."""
     return (count == 0) | (count % self.gap == jnp.asarray(self.offsets[leaf]))
 
   def refresh_index(self, count: jax.Array, leaf: int) -> jax.Array:
@@ -51,15 +52,15 @@ class RefreshSchedule:
 
 
 def schedule_for(
-  layouts: list[projection.MatrixLayout | None], gap: int, staggered: bool
+  layouts: list[subspace.SubspaceLayout], gap: int, staggered: bool
 ) -> RefreshSchedule:
-  """The schedule of the matrices of a tree's projected leaves (None: not projected)."""
-  sizes = {i: layout.num_matrices for i, layout in enumerate(layouts) if layout is not None}
-  total = sum(sizes.values())
-  ids, offsets, start = {}, {}, 0
-  for i, size in sizes.items():
-    ids[i] = np.arange(start, start + size, dtype=np.int32)
-    offsets[i] = ids[i] * gap // total if staggered else np.zeros(size, np.int32)
+  """The schedule of the matrices of a tree's projected leaves, in order."""
+  total = sum(layout.matrix.num_matrices for layout in layouts)
+  ids, offsets, start = [], [], 0
+  for layout in layouts:
+    size = layout.matrix.num_matrices
+    ids.append(np.arange(start, start + size, dtype=np.int32))
+    offsets.append(ids[-1] * gap // total if staggered else np.zeros(size, np.int32))
     start += size
   return RefreshSchedule(gap=gap, matrix_ids=ids, offsets=offsets)
 
@@ -115,3 +116,68 @@ def refresh_due_slices(matrices: jax.Array, projectors: jax.Array, due: jax.Arra
     lambda: jax.lax.fori_loop(0, projectors.shape[0], refresh_slice, projectors),
     lambda: projectors,
   )
+
+
+def refresh_projectors(
+  count: jax.Array,
+  matrices: list[jax.Array],
+  stored: list[jax.Array] | None,
+  layouts: list[subspace.SubspaceLayout],
+  *,
+  gap: int,
+  projection: bases.Projection,
+  seed: jax.typing.ArrayLike,
+  staggered: bool,
+) -> list[jax.Array]:
+  """Each projected leaf's ``(B, compressed, rank)`` basis for step ``count``.
+
+  ``matrices`` and ``stored`` (the bases from the state, batched; None for the random
+  basis, which is never stored) list the projected leaves in order. A basis is recomputed
+  when due: on steps ``0, T, 2T, …`` (or its staggered offset), and off schedule while its
+  stored basis was never computed from a finite gradient. A new basis that is not finite
+  keeps the stored one.
+  """
+  schedule = schedule_for(layouts, gap, staggered)
+
+  def compute(j, x, matrix_ids, refresh_ids):
+    keys = None if projection == "svd" else projection_keys(seed, matrix_ids, refresh_ids)
+    return bases.basis(projection, x, layouts[j], keys)
+
+  if stored is None:  # the random basis: regenerated from its key on every step
+    return [
+      compute(j, x, schedule.matrix_ids[j], schedule.refresh_index(count, j))
+      for j, x in enumerate(matrices)
+    ]
+  # A zero first column: never computed from a finite gradient (init, or every refresh
+  # so far saw NaN/Inf).
+  missing = [jnp.all(p[..., 0] == 0, axis=-1) for p in stored]
+  if staggered:  # each leaf refreshes its due slices, under its own cond
+    return [
+      refresh_due_slices(
+        x,
+        p,
+        schedule.is_due(count, j) | missing[j],
+        lambda xb, b, j=j: compute(
+          j,
+          xb,
+          jnp.asarray(schedule.matrix_ids[j])[b][None],
+          schedule.refresh_index(count, j)[b][None],
+        ),
+      )
+      for j, (x, p) in enumerate(zip(matrices, stored, strict=True))
+    ]
+  # One cond for the whole tree, with an unbatched predicate: the SVDs run only then.
+  on_schedule = count % gap == 0
+
+  def refreshed():
+    return [
+      keep_finite(
+        compute(j, x, schedule.matrix_ids[j], schedule.refresh_index(count, j)),
+        p,
+        on_schedule | missing[j],
+      )
+      for j, (x, p) in enumerate(zip(matrices, stored, strict=True))
+    ]
+
+  any_missing = jnp.any(jnp.stack([jnp.any(m) for m in missing] or [jnp.bool_(False)]))
+  return jax.lax.cond(on_schedule | any_missing, refreshed, lambda: list(stored))

@@ -43,10 +43,10 @@ def norm_based_scaling_factor(
     float32 factors broadcastable against the full ``(B, reduction, output)`` matrices:
     the rank axis (and for ``"matrix"`` both matrix axes) kept with size 1.
   """
-  return norm_based_scaling(base_output, base_input, rank_axis, scaling)[0]
+  return scaling_factor_and_input_norms(base_output, base_input, rank_axis, scaling)[0]
 
 
-def norm_based_scaling(
+def scaling_factor_and_input_norms(
   base_output: jax.Array,
   base_input: jax.Array,
   rank_axis: int,

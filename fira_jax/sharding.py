@@ -21,6 +21,11 @@ flattened dimension of the state: it is sharded like the side's first axis of
 size > 1 when that is the only sharded axis of the side, and replicated
 otherwise (a flattened dimension cannot express the other tilings).
 
+The layouts (which leaves are projected, on which axes and side, to which rank) are the
+optimizer's own: :func:`state_shardings` runs its ``init`` abstractly and reads the layouts
+that each Fira piece computes there, so wrappers (``optax.chain``, ``MultiSteps``,
+``inject_hyperparams``, ``partition``, ``masked``) need nothing extra.
+
 Like ``optax.tree_map_params``, the result mirrors what was given: a tree of
 ``NamedSharding`` for ``NamedSharding``, of ``PartitionSpec`` for
 ``PartitionSpec``, ready for ``jax.jit(..., out_shardings=...)``,
@@ -36,8 +41,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from fira_jax import fira
-from fira_jax import projection as projection_lib
+from fira_jax import layout
+from fira_jax import subspace
 
 Spec = tuple  # one entry per array dimension: None, a mesh axis name, or a tuple of names
 
@@ -68,39 +73,55 @@ def _merged(entries: Spec, sizes: tuple[int, ...]) -> Any:
   return None
 
 
-def _axes_of(spec: projection_lib.FiraDimensionNumbers, ndim: int):
-  reduction = tuple(a % ndim for a in projection_lib._as_axes(spec.reduction_axis))
-  output = tuple(a % ndim for a in projection_lib._as_axes(spec.output_axis))
-  batch = tuple(a for a in range(ndim) if a not in reduction + output)
-  return batch, reduction, output
+def _state_specs(entries: Spec, lay: subspace.SubspaceLayout, spread: bool) -> dict:
+  """The specs of a projected parameter's state by shape: projector, moments, norm."""
+  matrix = lay.matrix
+  pick = lambda axes: tuple(entries[a] for a in axes)
+  side = lambda axes: _merged(pick(axes), tuple(matrix.shape[a] for a in axes))
+  batch = pick(matrix.batch_axes)
+  reduction, output = side(matrix.reduction_axes), side(matrix.output_axes)
+  compressed, kept = (reduction, output) if lay.compressed == "reduction" else (output, reduction)
+  if spread and kept is None:
+    kept = compressed  # the mesh axes that split the compressed side are free here
+  low_rank = (None, kept) if lay.compressed == "reduction" else (kept, None)
+  return {
+    lay.projector_shape: batch + (compressed, None),
+    lay.low_rank_shape: batch + low_rank,
+    lay.batch_shape: batch,
+  }
 
 
-class _Leaf:
-  """One parameter: its shape, spec entries and (if projected) layout and axes."""
+def _mesh_of(sharding_leaves: list) -> Any:
+  """The one mesh of ``NamedSharding`` leaves, or None for ``PartitionSpec`` ones."""
+  for s in sharding_leaves:
+    if not _is_sharding(s):
+      raise TypeError(f"param_shardings leaves must be NamedSharding or PartitionSpec, got {s!r}.")
+  meshes = {s.mesh for s in sharding_leaves if isinstance(s, NamedSharding)}
+  if len(meshes) > 1:
+    raise ValueError("the parameters' NamedShardings use more than one mesh.")
+  mesh = meshes.pop() if meshes else None
+  if mesh is not None and not all(isinstance(s, NamedSharding) for s in sharding_leaves):
+    raise TypeError("param_shardings mixes NamedSharding and PartitionSpec leaves.")
+  return mesh
 
-  def __init__(self, shape, sharding, entries, layout, spec):
-    self.shape, self.sharding, self.layout = tuple(shape), sharding, layout
-    if layout is not None:
-      batch, reduction, output = _axes_of(spec, len(self.shape))
-      pick = lambda axes: tuple(entries[a] for a in axes)
-      size = lambda axes: tuple(self.shape[a] for a in axes)
-      self.batch = pick(batch)
-      self.reduction = _merged(pick(reduction), size(reduction))
-      self.output = _merged(pick(output), size(output))
 
-  def projector(self) -> Spec:
-    side = self.reduction if self.layout.compressed_axis == 0 else self.output
-    return self.batch + (side, None)
-
-  def low_rank(self, spread: bool) -> Spec:
-    compressed, kept = (
-      (self.reduction, self.output)
-      if self.layout.compressed_axis == 0
-      else (self.output, self.reduction)
-    )
-    if spread and kept is None:
-      kept = compressed  # the mesh axes that split the compressed side are free here
-    return self.batch + ((None, kept) if self.layout.compressed_axis == 0 else (kept, None))
+def _layouts_seen_by_init(tx, params) -> tuple[Any, list[list]]:
+  """The abstract state, and per parameter the layouts that the Fira pieces computed."""
+  treedef = jax.tree.structure(params)
+  seen = [[] for _ in range(treedef.num_leaves)]
+  with subspace.recording_layouts() as records:
+    # A new function object: a cached trace of tx.init would compute no layouts.
+    state = jax.eval_shape(lambda p: tx.init(p), params)
+  for tree, layouts in records:
+    nodes = jax.tree.leaves(tree, is_leaf=_is_masked)
+    if jax.tree.structure(tree, is_leaf=_is_masked) != treedef:
+      continue  # a tree other than the parameters' (none of optax's wrappers make one)
+    found = iter(layouts)
+    for i, node in enumerate(nodes):
+      lay = None if _is_masked(node) else next(found)
+      if lay is not None and lay not in seen[i]:
+        seen[i].append(lay)
+  return state, seen
 
 
 def state_shardings(
@@ -108,23 +129,18 @@ def state_shardings(
   params: optax.Params,
   param_shardings: Any,
   *,
-  weight_dimension_numbers: projection_lib.DimensionNumbersOrFn = None,
-  rank: int = 128,
-  compressed_side: projection_lib.CompressedSide = "smaller",
   spread_moments: bool = True,
 ) -> Any:
-  """Shardings of an optimizer state containing :class:`FiraState`, from the params'.
+  """Shardings of an optimizer state containing Fira's, from the parameters' shardings.
 
   Args:
-    tx_or_state: the optimizer (its state's shapes come from
-      ``jax.eval_shape(tx.init, params)``, nothing is allocated), or a state
-      or abstract state already at hand.
+    tx_or_state: the optimizer (anything with ``init``: a ``GradientTransformation``,
+      ``optax.MultiSteps``, …). Its state's shapes and Fira's layouts come from
+      ``jax.eval_shape(tx.init, params)``; nothing is allocated. A state (or abstract
+      state) is accepted for optimizers without Fira; a Fira state needs the optimizer.
     params: the parameters, as arrays or ``jax.ShapeDtypeStruct``.
     param_shardings: a tree like ``params`` of ``NamedSharding`` or of
       ``PartitionSpec``.
-    weight_dimension_numbers: as given to the optimizer.
-    rank: as given to the optimizer.
-    compressed_side: as given to the optimizer.
     spread_moments: low-rank moments whose kept side is not sharded in the
       parameter are split along it over the mesh axes that split the
       compressed side (which the rank-``r`` moments do not have), ZeRO-style:
@@ -136,106 +152,77 @@ def state_shardings(
   Returns:
     A tree like the state, of the same kind as ``param_shardings``
     (``optax.MaskedNode()`` where the state has one). Fira's state follows
-    the table in :mod:`fira_jax.sharding`; elsewhere, subtrees with the
-    parameters' structure (e.g. AdamW's moments) take the parameter's
-    sharding where they have its shape, and all other leaves are replicated.
-    So the same call gives the shardings of any optax state.
+    the table in :mod:`fira_jax.sharding`; subtrees with the parameters'
+    structure (e.g. AdamW's moments) take the parameter's sharding where they
+    have its shape; other leaves (step counts, scalars) are replicated.
 
   Raises:
-    ValueError: if a Fira state's shapes do not match the layouts given by
-      ``weight_dimension_numbers``, ``rank`` and ``compressed_side``.
+    ValueError: if a leaf in a subtree with the parameters' structure has neither the
+      parameter's shape nor a Fira shape of it, while the parameter is sharded
+      (replicating it would be a silent surprise).
 
   Example:
     >>> import jax, jax.numpy as jnp, fira_jax
     >>> from jax.sharding import PartitionSpec as P
     >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros((16,))}
     >>> tx = fira_jax.fira_adamw(1e-2, rank=2)
-    >>> specs = fira_jax.state_shardings(tx, params, {'w': P('fsdp'), 'b': P()}, rank=2)
+    >>> specs = fira_jax.state_shardings(tx, params, {'w': P('fsdp'), 'b': P()})
     >>> specs[0].projector['w']  # (8, 2): the compressed side is sharded like w's rows
     P('fsdp', None)
     >>> specs[0].base_optimizer_state.mu['w']  # (2, 16): rank replicated, kept side spread
     P(None, 'fsdp')
   """
-  if isinstance(tx_or_state, optax.GradientTransformation):
-    state = jax.eval_shape(tx_or_state.init, params)
+  if callable(getattr(tx_or_state, "init", None)):
+    state, seen = _layouts_seen_by_init(tx_or_state, params)
   else:
-    state = tx_or_state
+    state, seen = tx_or_state, [[] for _ in jax.tree.leaves(params)]
   param_leaves, treedef = jax.tree.flatten(params)
   sharding_leaves = treedef.flatten_up_to(param_shardings)
-  meshes = {s.mesh for s in sharding_leaves if isinstance(s, NamedSharding)}
-  if len(meshes) > 1:
-    raise ValueError("the parameters' NamedShardings use more than one mesh.")
-  for s in sharding_leaves:
-    if not _is_sharding(s):
-      raise TypeError(f"param_shardings leaves must be NamedSharding or PartitionSpec, got {s!r}.")
-  mesh = meshes.pop() if meshes else None
-  if mesh is not None and not all(isinstance(s, NamedSharding) for s in sharding_leaves):
-    raise TypeError("param_shardings mixes NamedSharding and PartitionSpec leaves.")
+  mesh = _mesh_of(sharding_leaves)
 
   def make(entries: Spec):
     spec = PartitionSpec(*entries)
     return spec if mesh is None else NamedSharding(mesh, spec)
 
-  specs = projection_lib.resolve_dimension_numbers(weight_dimension_numbers, params)
-  layouts = projection_lib.layouts_for(params, weight_dimension_numbers, rank, compressed_side)
-  names = projection_lib.leaf_names(params)
-  leaves = []
-  for x, s, layout, spec in zip(param_leaves, sharding_leaves, layouts, specs, strict=True):
-    shape = jax.numpy.shape(x)
-    spec_of = s.spec if isinstance(s, NamedSharding) else s
-    leaves.append(_Leaf(shape, s, _padded(spec_of, len(shape)), layout, spec))
+  names = layout.leaf_names(params)
+  entries = [
+    _padded(s.spec if isinstance(s, NamedSharding) else s, jax.numpy.ndim(x))
+    for x, s in zip(param_leaves, sharding_leaves, strict=True)
+  ]
+  by_shape = []  # per parameter: state shape -> spec
+  for x, e, s, lays in zip(param_leaves, entries, sharding_leaves, seen, strict=True):
+    specs = {}
+    for lay in lays:
+      specs.update(_state_specs(e, lay, spread_moments))
+    specs[tuple(jax.numpy.shape(x))] = s  # the parameter's own shape: its sharding
+    by_shape.append(specs)
 
-  def checked(state_leaf, want_shape, entries, role, i):
-    if tuple(state_leaf.shape) != tuple(want_shape):
-      raise ValueError(
-        f"the Fira {role} of {names[i]} has shape {tuple(state_leaf.shape)}, but"
-        f" weight_dimension_numbers={weight_dimension_numbers!r}, rank={rank} and"
-        f" compressed_side={compressed_side!r} give {tuple(want_shape)}: pass state_shardings"
-        " the values given to the optimizer."
-      )
-    return make(entries)
-
-  def params_like(tree, fira_role=None):
-    """Maps a subtree with the parameters' structure (MaskedNode leaves allowed)."""
-    state_leaves = treedef.flatten_up_to(tree)
+  def params_like(tree):
     out = []
-    for i, (x, leaf) in enumerate(zip(state_leaves, leaves, strict=True)):
+    for i, x in enumerate(treedef.flatten_up_to(tree)):
       if _is_masked(x):
         out.append(x)
-      elif fira_role == "projector" and leaf.layout is not None:
-        out.append(checked(x, leaf.layout.projector_shape, leaf.projector(), "projector", i))
-      elif fira_role == "norm" and leaf.layout is not None:
-        out.append(checked(x, leaf.layout.batch_shape, leaf.batch, "limiter norm", i))
-      elif (
-        fira_role == "base" and leaf.layout is not None and x.shape == leaf.layout.low_rank_shape
-      ):
-        out.append(make(leaf.low_rank(spread_moments)))
-      elif tuple(x.shape) == leaf.shape:
-        out.append(leaf.sharding)
-      else:
-        out.append(make(()))
+        continue
+      shape = tuple(x.shape)
+      spec = by_shape[i].get(shape)
+      if spec is None and any(e is not None for e in entries[i]) and shape:
+        raise ValueError(
+          f"the optimizer state holds a leaf of shape {shape} for {names[i]}, of shape"
+          f" {jax.numpy.shape(param_leaves[i])} and sharded {entries[i]}, that is neither"
+          " the parameter's shape nor one of Fira's state shapes for it: pass"
+          " state_shardings the optimizer (not its state), or shard that leaf yourself."
+        )
+      out.append(make(()) if spec is None else spec if _is_sharding(spec) else make(spec))
     return treedef.unflatten(out)
 
-  def matches(node) -> bool:
-    return jax.tree.structure(node, is_leaf=_is_masked) == treedef
-
-  def walk(node, fira_role=None):
-    if isinstance(node, fira.FiraState):
-      if fira_role is not None:
-        raise ValueError("a FiraState nested inside another's base optimizer is not supported.")
-      return fira.FiraState(
-        count=make(()),
-        base_optimizer_state=walk(node.base_optimizer_state, "base"),
-        projector=params_like(node.projector, "projector"),
-        residual_norm=params_like(node.residual_norm, "norm"),
-      )
-    if matches(node):
-      return params_like(node, fira_role)
+  def walk(node):
+    if jax.tree.structure(node, is_leaf=_is_masked) == treedef:
+      return params_like(node)
     if _is_masked(node) or node is None:
       return node
     children, node_def = jax.tree.flatten(node, is_leaf=lambda c: c is not node)
     if len(children) == 1 and children[0] is node:
       return make(())  # an array outside any parameter-shaped subtree: count, lr, …
-    return node_def.unflatten([walk(c, fira_role) for c in children])
+    return node_def.unflatten([walk(c) for c in children])
 
   return walk(state)

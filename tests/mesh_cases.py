@@ -60,27 +60,6 @@ def make_tx(
   )
 
 
-def state_shardings(
-  tx_or_state,
-  params,
-  param_shardings,
-  *,
-  dims=DIMS,
-  rank: int = RANK,
-  compressed_side: str = "smaller",
-  spread_moments: bool = True,
-):
-  """``fira_jax.state_shardings``, given the Fira settings that ``tx_or_state`` was built with.
-
-  Every call of ``state_shardings`` in the tests goes through here, so that how those
-  settings reach it is written once: in ``settings``.
-  """
-  settings = {"weight_dimension_numbers": dims, "rank": rank, "compressed_side": compressed_side}
-  return fira_jax.state_shardings(
-    tx_or_state, params, param_shardings, spread_moments=spread_moments, **settings
-  )
-
-
 def init_params():
   keys = jax.random.split(jax.random.key(0), len(SHAPES))
   return {

@@ -81,6 +81,28 @@ class FiraAdamWTest(chex.TestCase):
     u_same, _ = injected.update(grads_at(9), state, PARAMS)
     assert not np.allclose(u_changed["tall"], u_same["tall"])
 
+  def test_injected_and_plain_optimizers_store_the_same_state(self):
+    # The inner state of the injected optimizer, limiter norms included, equals the plain
+    # one's: a vanishing residual (α = 1, step 0 inside the rank-1 subspace) is where a
+    # difference of squares once made them differ.
+    params = {"w": jnp.zeros((8, 6))}
+    kwargs = dict(rank=1, update_proj_gap=200, scale=1.0)
+    grads = lambda t: {"w": jnp.ones((8, 6)) if t == 0 else grads_at(t, params)["w"]}
+    injected = optax.inject_hyperparams(
+      fira_jax.fira_adamw, static_args=("rank", "update_proj_gap")
+    )(learning_rate=1e-3, **kwargs)
+    plain = fira_jax.fira_adamw(1e-3, **kwargs)
+    _, injected_state = trajectory(injected, 40, params, grads)
+    _, plain_state = trajectory(plain, 40, params, grads)
+    chex.assert_trees_all_close(injected_state.inner_state, plain_state, rtol=1e-4, atol=1e-6)
+
+  def test_count_is_found_once_in_the_state_as_in_optax_adamw(self):
+    for tx in (fira_jax.fira_adamw(1e-3, rank=2), optax.adamw(1e-3)):
+      count = optax.tree_utils.tree_get(tx.init(PARAMS), "count")
+      assert int(count) == 0
+    scheduled = fira_jax.fira_adamw(optax.linear_schedule(1e-3, 0.0, 10), rank=2)
+    assert isinstance(scheduled.init(PARAMS)[2], fira_jax.DecayUpdatedWeightsState)
+
   def test_inject_hyperparams_without_static_rank_explains_the_fix(self):
     with pytest.raises(TypeError, match="static_args"):
       optax.inject_hyperparams(fira_jax.fira_adamw)(learning_rate=0.01, rank=2).init(PARAMS)

@@ -161,6 +161,8 @@ def worker(port: int, process_id: int, out: str) -> None:
   from jax.experimental import multihost_utils
   from jax.sharding import NamedSharding
 
+  import fira_jax
+
   jax.config.update("jax_num_cpu_devices", 4)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"localhost:{port}", PROCESSES, process_id)
@@ -183,7 +185,7 @@ def worker(port: int, process_id: int, out: str) -> None:
   tx = mesh_cases.make_tx("svd")
   param_sh = jax.tree.map(shard, mesh_cases.SPECS)
   params = jax.tree.map(global_array, mesh_cases.init_params(), param_sh)
-  state_sh = mesh_cases.state_shardings(tx, params, param_sh)
+  state_sh = fira_jax.state_shardings(tx, params, param_sh)
   state = jax.jit(tx.init, out_shardings=state_sh)(params)
   batch_sh = (shard(mesh_cases.BATCH_SPEC),) * 2
   step = jax.jit(

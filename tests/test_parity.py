@@ -34,15 +34,37 @@ def load_cases():
   return cases
 
 
+def chained_fira_adamw(learning_rate, weight_decay, **kwargs):
+  """fira_adamw with Algorithm 1's chain of pieces in place of the fused step."""
+  return optax.chain(
+    fira_jax.fira_chain(**kwargs),
+    optax.scale_by_learning_rate(learning_rate),
+    fira_jax.add_decayed_weights_after_step(learning_rate, weight_decay),
+  )
+
+
+IMPLEMENTATIONS = {"fused": fira_jax.fira_adamw, "chain": chained_fira_adamw}
+
+
 def run_fira_jax(
-  w0, grads, *, projected, rank, update_proj_gap, alpha, lr, layout, weight_decay=0.0
+  w0,
+  grads,
+  *,
+  projected,
+  rank,
+  update_proj_gap,
+  alpha,
+  lr,
+  layout,
+  weight_decay=0.0,
+  implementation="fused",
 ):
   """fira_adamw on the same problem; returns W_t - W_0 per step in torch (out, in) layout."""
   flax_layout = layout == "in_out"
   to_jax = lambda k, x: jnp.asarray(x.T if flax_layout and x.ndim == 2 else x)
   from_jax = lambda x: np.asarray(x.T if flax_layout and x.ndim == 2 else x)
   spec = fira_jax.FiraDimensionNumbers() if flax_layout else TORCH_LAYOUT
-  tx = fira_jax.fira_adamw(
+  tx = IMPLEMENTATIONS[implementation](
     lr,
     rank=rank,
     update_proj_gap=update_proj_gap,
@@ -87,9 +109,10 @@ def test_golden_file_covers_the_required_cases():
   assert {c["alpha"] for c, _ in CASES.values()} >= {0.25, 1.0}
 
 
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_fira_adamw_matches_reference_golden_trajectory(case, layout):
+def test_fira_adamw_matches_reference_golden_trajectory(case, layout, implementation):
   config, fields = CASES[case]
   grads = [{k: v[t] for k, v in fields["grads"].items()} for t in range(config["steps"])]
   ours = run_fira_jax(
@@ -102,6 +125,7 @@ def test_fira_adamw_matches_reference_golden_trajectory(case, layout):
     lr=config["lr"],
     weight_decay=config.get("weight_decay", 0.0),
     layout=layout,
+    implementation=implementation,
   )
   assert_trajectories_match(ours, fields["delta"])
 
@@ -140,8 +164,9 @@ LIVE_CASES = {
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
 @pytest.mark.parametrize("case", sorted(LIVE_CASES))
-def test_fira_adamw_matches_live_reference(case):
+def test_fira_adamw_matches_live_reference(case, implementation):
   pytest.importorskip("torch")
   pytest.importorskip("fira")
   shapes, hparams, steps = LIVE_CASES[case]
@@ -149,12 +174,15 @@ def test_fira_adamw_matches_live_reference(case):
   projected = [k for k, s in shapes.items() if len(s) == 2]
   reference = reference_fira.run_reference(w0, grads, projected=projected, **hparams)
   for layout in ("in_out", "out_in"):
-    ours = run_fira_jax(w0, grads, projected=projected, layout=layout, **hparams)
+    ours = run_fira_jax(
+      w0, grads, projected=projected, layout=layout, implementation=implementation, **hparams
+    )
     assert_trajectories_match(ours, reference)
 
 
 @pytest.mark.parity
-def test_limiter_norm_of_a_vanishing_residual_matches_live_reference():
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
+def test_limiter_norm_of_a_vanishing_residual_matches_live_reference(implementation):
   # α = 1 and a step-0 gradient inside the rank-1 subspace: ‖S₀‖ is pure rounding, and the
   # limiter then governs hundreds of steps by it, so it must be computed as the reference does.
   pytest.importorskip("torch")
@@ -165,5 +193,7 @@ def test_limiter_norm_of_a_vanishing_residual_matches_live_reference():
   hparams = dict(rank=1, update_proj_gap=200, alpha=1.0, lr=1e-3)
   reference = reference_fira.run_reference(w0, grads, projected=["w"], **hparams)
   for layout in ("in_out", "out_in"):
-    ours = run_fira_jax(w0, grads, projected=["w"], layout=layout, **hparams)
+    ours = run_fira_jax(
+      w0, grads, projected=["w"], layout=layout, implementation=implementation, **hparams
+    )
     assert_trajectories_match(ours, reference)

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 import fira_jax
 from fira_jax import FiraDimensionNumbers
 from fira_jax import limiter
-from fira_jax import projection as projection_lib
 from fira_jax import refresh
 
 CI = settings(
@@ -94,10 +93,10 @@ class Config:
     # (in, out) uses the default: None projects every 2-D leaf as (in, out).
     return None if self.layout == "in_out" else {"w": SPECS[self.layout], "bias": None}
 
-  def layout_of_w(self) -> projection_lib.MatrixLayout:
-    return fira_jax.matrix_layout(
-      self.weight_shape, SPECS[self.layout], self.rank, self.compressed_side
-    )
+  def layout_of_w(self) -> fira_jax.SubspaceLayout:
+    space = fira_jax.Subspace(self.rank, SPECS[self.layout], self.compressed_side)
+    (layout,) = space.layouts(jnp.zeros(self.weight_shape))
+    return layout
 
   def fira_kwargs(self) -> dict:
     return dict(
@@ -124,7 +123,7 @@ class Config:
 @st.composite
 def configs(
   draw,
-  projections=projection_lib.PROJECTIONS,
+  projections=fira_jax.PROJECTIONS,
   dtypes=(jnp.float32, jnp.bfloat16),
   alphas=(0.25, 1.0),
   scales=GRADIENT_SCALES,
@@ -136,7 +135,7 @@ def configs(
     layers=draw(st.sampled_from(LAYERS)),
     rank=draw(st.sampled_from(RANKS)),
     dtype=draw(st.sampled_from(dtypes)),
-    compressed_side=draw(st.sampled_from(projection_lib.COMPRESSED_SIDES)),
+    compressed_side=draw(st.sampled_from(fira_jax.COMPRESSED_SIDES)),
     projection=draw(st.sampled_from(projections)),
     scaling=draw(st.sampled_from(("column", "matrix"))),
     formulation=draw(st.sampled_from(("reference", "paper"))),
@@ -150,20 +149,20 @@ def configs(
 def batched_projector(config: Config, layout, state, step: int) -> np.ndarray:
   """The ``(B, compressed, rank)`` basis used on ``step``, as float64."""
   if config.projection != "random":
-    return layout.to_batched(np.asarray(state.projector["w"], np.float64))
+    return layout.matrix.to_batched(np.asarray(state.projector["w"], np.float64))
   # A random basis is not stored: regenerate it from its key, as the optimizer does.
   schedule = refresh.schedule_for([layout], GAP, config.staggered_refresh)
   keys = refresh.projection_keys(
     0, schedule.matrix_ids[0], schedule.refresh_index(jnp.int32(step), 0)
   )
   p = jax.vmap(
-    lambda k: projection_lib.random_projector(k, layout.compressed_size, layout.rank, config.dtype)
+    lambda k: fira_jax.random_projector(k, layout.compressed_size, layout.rank, config.dtype)
   )(keys)
   return np.asarray(p, np.float64)
 
 
-def project_back(low_rank: np.ndarray, p: np.ndarray, compressed_axis: int) -> np.ndarray:
-  return p @ low_rank if compressed_axis == 0 else low_rank @ np.swapaxes(p, 1, 2)
+def project_back(low_rank: np.ndarray, p: np.ndarray, compressed: str) -> np.ndarray:
+  return p @ low_rank if compressed == "reduction" else low_rank @ np.swapaxes(p, 1, 2)
 
 
 def matrix_norms(x: np.ndarray) -> np.ndarray:
@@ -212,11 +211,14 @@ def test_limiter_never_lets_the_residual_norm_grow_faster_than_the_factor_given(
       # The recorded norm is that of the residual actually applied, recovered from the
       # update: u / η = α P N + S / λ (reference) or α (P N + S / λ) (paper).
       adam_state = jax.tree.map(lambda x: np.asarray(x, np.float64), state.base_optimizer_state)
-      mu, nu = layout.to_batched(adam_state.mu["w"]), layout.to_batched(adam_state.nu["w"])
+      mu, nu = (
+        layout.matrix.to_batched(adam_state.mu["w"]),
+        layout.matrix.to_batched(adam_state.nu["w"]),
+      )
       n = mu / (np.sqrt(nu) + 1e-6)
-      back = project_back(n, batched_projector(config, layout, state, t), layout.compressed_axis)
+      back = project_back(n, batched_projector(config, layout, state, t), layout.compressed)
       step_size = np.sqrt(1 - 0.999 ** (t + 1)) / (1 - 0.9 ** (t + 1))
-      full = layout.to_matrices(np.asarray(u["w"], np.float64)) / step_size
+      full = layout.matrix.to_matrices(np.asarray(u["w"], np.float64)) / step_size
       if config.formulation == "reference":
         applied = full - config.alpha * back
       else:
@@ -240,8 +242,8 @@ def test_update_without_residual_lies_in_the_projected_subspace(config):
   for t, g in enumerate(config.gradients()):
     u, state = update(g, state)
     p = batched_projector(config, layout, state, t)  # orthonormal columns
-    x = layout.to_matrices(np.asarray(u["w"], np.float64))
-    if layout.compressed_axis == 0:  # P Pᵀ u = u
+    x = layout.matrix.to_matrices(np.asarray(u["w"], np.float64))
+    if layout.compressed == "reduction":  # P Pᵀ u = u
       inside = p @ (np.swapaxes(p, 1, 2) @ x)
     else:  # u P Pᵀ = u
       inside = (x @ p) @ np.swapaxes(p, 1, 2)

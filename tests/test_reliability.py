@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import fira_jax
-from fira_jax import projection
+from fira_jax import bases
 
 PROJECTIONS = ("svd", "randomized_svd", "random")
 PARAMS = {"w": jnp.zeros((12, 8)), "b": jnp.zeros(8)}
@@ -185,7 +185,7 @@ def test_nan_gradient_on_step_zero_refreshes_on_the_next_step():
   grads = [poisoned(gaussian(PARAMS, 0), jnp.nan), gaussian(PARAMS, 1), gaussian(PARAMS, 2)]
   _, states = run(fira(), grads)
   np.testing.assert_array_equal(states[0].projector["w"], 0.0)
-  expected = projection.svd_projector(grads[1]["w"][None], 4, 1)[0]
+  expected = fira_jax.svd_projector(grads[1]["w"][None], 4, "output")[0]
   np.testing.assert_allclose(states[1].projector["w"], expected, atol=1e-6)
   chex.assert_trees_all_equal(states[2].projector, states[1].projector)  # back on schedule
 
@@ -193,10 +193,12 @@ def test_nan_gradient_on_step_zero_refreshes_on_the_next_step():
 @pytest.mark.parametrize("staggered", [False, True])
 def test_svd_that_never_converges_leaves_finite_updates_and_no_projector(monkeypatch, staggered):
   # LAPACK's gesdd reports non-convergence through NaN outputs under JAX.
-  failing = lambda x, rank, axis: jnp.full(
-    x.shape[:1] + ((x.shape[1], rank) if axis == 0 else (x.shape[2], rank)), jnp.nan, x.dtype
+  failing = lambda x, rank, side: jnp.full(
+    x.shape[:1] + ((x.shape[1], rank) if side == "reduction" else (x.shape[2], rank)),
+    jnp.nan,
+    x.dtype,
   )
-  monkeypatch.setattr(projection, "svd_projector", failing)
+  monkeypatch.setattr(bases, "svd_projector", failing)
   grads = [gaussian(PARAMS, t) for t in range(5)]
   updates, states = run(fira(staggered_refresh=staggered), grads)
   chex.assert_tree_all_finite((updates, states[-1]))
@@ -209,9 +211,7 @@ def test_svd_failing_after_a_good_refresh_keeps_that_refresh(monkeypatch):
   state = tx.init(PARAMS)
   state = tx.update(grads[0], state)[1]
   good = state.projector["w"]
-  monkeypatch.setattr(
-    projection, "svd_projector", lambda x, rank, axis: jnp.full((1, 8, rank), jnp.nan)
-  )
+  monkeypatch.setattr(bases, "svd_projector", lambda x, rank, side: jnp.full((1, 8, rank), jnp.nan))
   for g in grads[1:]:  # step 3 is a refresh that fails
     u, state = tx.update(g, state)
     chex.assert_tree_all_finite((u, state))

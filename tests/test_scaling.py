@@ -57,7 +57,7 @@ def test_input_channel_norms_are_the_squared_norms_along_the_rank_axis(scaling_k
   key_n, key_r = jax.random.split(jax.random.key(4))
   n = jax.random.normal(key_n, (3, 4, 6)).astype(jnp.bfloat16)
   r = jax.random.normal(key_r, (3, 4, 6)).astype(jnp.bfloat16)
-  _, r_sq = scaling.norm_based_scaling(n, r, rank_axis, scaling_kind)
+  _, r_sq = scaling.scaling_factor_and_input_norms(n, r, rank_axis, scaling_kind)
   assert r_sq.dtype == jnp.float32
   expected = np.sum(np.square(np.asarray(r, np.float32)), axis=rank_axis, keepdims=True)
   chex.assert_trees_all_close(r_sq, expected, rtol=1e-6)

@@ -27,10 +27,10 @@ from mesh_cases import SHAPES
 from mesh_cases import SPECS
 from mesh_cases import make_tx
 from mesh_cases import pretrain
-from mesh_cases import state_shardings
 
 import fira_jax
 from fira_jax import FiraDimensionNumbers
+from fira_jax import state_shardings
 
 STEPS = 3  # refreshes on steps 0 and 2 (GAP = 2)
 
@@ -99,10 +99,9 @@ def test_flattened_side_is_sharded_like_its_major_axis_only():
   params = {"attn": jax.ShapeDtypeStruct((8, 4, 6), jnp.float32)}
   dims = FiraDimensionNumbers(0, (1, 2))
   tx = fira_jax.scale_by_fira(rank=2, compressed_side="output", weight_dimension_numbers=dims)
-  settings = {"dims": dims, "rank": 2, "compressed_side": "output"}
-  by_heads = state_shardings(tx, params, {"attn": P(None, "tp", None)}, **settings)
+  by_heads = state_shardings(tx, params, {"attn": P(None, "tp", None)})
   assert by_heads.projector["attn"] == P("tp", None)
-  by_head_dim = state_shardings(tx, params, {"attn": P(None, None, "tp")}, **settings)
+  by_head_dim = state_shardings(tx, params, {"attn": P(None, None, "tp")})
   assert by_head_dim.projector["attn"] == P(None, None)  # not a contiguous tiling: replicated
 
 
@@ -111,9 +110,21 @@ def test_adamw_state_gets_the_parameter_shardings():
   assert specs[0].mu == SPECS and specs[0].nu == SPECS and specs[0].count == P()
 
 
-def test_mismatched_rank_is_reported():
-  with pytest.raises(ValueError, match="rank=8"):
-    state_shardings(make_tx("svd"), abstract_params(), SPECS, rank=8)
+def test_fira_state_without_its_optimizer_is_refused_rather_than_replicated():
+  state = jax.eval_shape(make_tx("svd").init, abstract_params())
+  with pytest.raises(ValueError, match="pass state_shardings the optimizer"):
+    state_shardings(state, abstract_params(), SPECS)
+
+
+def test_multi_steps_and_the_chain_of_pieces_get_fira_shardings_from_their_init():
+  multi = state_shardings(optax.MultiSteps(make_tx("svd"), 2), abstract_params(), SPECS)
+  assert multi.inner_opt_state[0].projector["w1"] == P("fsdp", None)
+  assert multi.acc_grads == SPECS  # accumulated gradients: the parameters' own shardings
+  chain = fira_jax.fira_chain(rank=RANK, weight_dimension_numbers=DIMS)
+  specs = state_shardings(chain, abstract_params(), SPECS)
+  assert specs[0].projector["w1"] == P("fsdp", None)  # subspace_projection
+  assert specs[1].mu["w1"] == P(None, "fsdp")  # in_subspace: low-rank moments, spread
+  assert specs[3].residual_norm["ws"] == P(None)  # limit_residual_growth: per layer
 
 
 # ------------------------------------------------------------- runs on the 8-device mesh
@@ -131,7 +142,7 @@ def run_on_mesh(tx, params, param_sh, dims, step, inputs, input_sh):
 
   Returns the final parameters, the final state and the state's shardings.
   """
-  state_sh = state_shardings(tx, params, param_sh, dims=dims)
+  state_sh = state_shardings(tx, params, param_sh)
   params = jax.device_put(params, param_sh)
   state = jax.jit(tx.init, out_shardings=state_sh)(params)
   step = jax.jit(
@@ -261,7 +272,7 @@ def refresh_gathers(mesh, projection: str, shape=(64, 96), spec=None, dims=None)
   )
   param_sh = {"w": NamedSharding(mesh, spec)}
   params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=param_sh["w"])}
-  state_sh = state_shardings(tx, params, param_sh, dims=dims, rank=8)
+  state_sh = state_shardings(tx, params, param_sh)
   state = jax.eval_shape(tx.init, params)
   update = jax.jit(lambda g, s: tx.update(g, s), in_shardings=(param_sh, state_sh))
   hlo = update.lower(params, state).compile().as_text()

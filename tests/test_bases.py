@@ -1,4 +1,4 @@
-"""Subspace projection: layouts, compressed side, SVD bases and their sign convention."""
+"""Subspace bases: exact and randomized SVD, the random basis, the sign convention."""
 
 from __future__ import annotations
 
@@ -13,147 +13,58 @@ import numpy as np
 import pytest
 from jax.extend import core as jax_core
 
-from fira_jax import projection
-from fira_jax.projection import FiraDimensionNumbers
-
-
-@pytest.mark.parametrize(
-  ("shape", "side", "compressed_axis"),
-  [
-    ((10, 20), "smaller", 0),  # (in, out): in is smaller -> compress the input side
-    ((20, 10), "smaller", 1),
-    ((12, 12), "smaller", 0),  # square: the reference compresses the input side
-    ((10, 20), "larger", 1),
-    ((12, 12), "larger", 0),  # optax.contrib.galore: ties compress the reduction side
-    ((10, 20), "output", 1),
-    ((20, 10), "reduction", 0),
-  ],
-)
-def test_compressed_side_follows_the_rule(shape, side, compressed_axis):
-  layout = projection.matrix_layout(shape, FiraDimensionNumbers(), 4, side)
-  assert layout.compressed_axis == compressed_axis
-
-
-def test_rank_is_clipped_to_the_smaller_dimension():
-  layout = projection.matrix_layout((5, 9), FiraDimensionNumbers(), 64)
-  assert layout.rank == 5
-  assert layout.projector_shape == (5, 5)
-  assert layout.low_rank_shape == (5, 9)
-
-
-def test_batch_axes_are_kept_in_state_shapes():
-  # A stacked (layers, in, out) kernel: layers is a batch axis.
-  layout = projection.matrix_layout((3, 8, 16), FiraDimensionNumbers(1, 2), 4)
-  assert layout.batch_shape == (3,)
-  assert layout.projector_shape == (3, 8, 4)
-  assert layout.low_rank_shape == (3, 4, 16)
-
-
-def test_to_matrices_round_trips_with_multi_axis_specs():
-  x = jnp.arange(2 * 3 * 4 * 5, dtype=jnp.float32).reshape(2, 3, 4, 5)
-  spec = FiraDimensionNumbers(reduction_axis=2, output_axis=(3, 0))
-  layout = projection.matrix_layout(x.shape, spec, 2)
-  matrices = layout.to_matrices(x)
-  assert matrices.shape == (3, 4, 10)
-  chex.assert_trees_all_equal(layout.from_matrices(matrices), x)
-  # matrices[b, i, o] with o = (axis 3, axis 0) flattened in order: o = a3 * 2 + a0
-  np.testing.assert_array_equal(matrices[1, 2, 3 * 2 + 1], x[1, 1, 2, 3])
-
-
-@pytest.mark.parametrize(
-  ("shape", "spec", "message"),
-  [
-    ((4,), FiraDimensionNumbers(), "fewer than two dimensions"),
-    ((4, 5), FiraDimensionNumbers(0, 2), "does not exist"),
-    ((4, 5), FiraDimensionNumbers(0, 0), "more than once"),
-    ((4, 5, 6), FiraDimensionNumbers((), 1), "at least one reduction"),
-  ],
-)
-def test_bad_dimension_numbers_name_the_parameter(shape, spec, message):
-  with pytest.raises(ValueError, match=message) as info:
-    projection.matrix_layout(shape, spec, 2, name="parameter ['w']")
-  assert "parameter ['w']" in str(info.value)
-  assert str(shape) in str(info.value)
-
-
-def test_layouts_name_the_parameter_path_on_error():
-  params = {"layer": {"kernel": jnp.zeros((4, 5)), "bias": jnp.zeros(5)}}
-  specs = {"layer": {"kernel": FiraDimensionNumbers(), "bias": FiraDimensionNumbers()}}
-  with pytest.raises(ValueError, match=r"\['layer'\]\['bias'\]"):
-    projection.layouts_for(params, specs, 2)
-
-
-def test_resolve_accepts_none_spec_prefix_tree_and_callable():
-  params = {"a": {"w": jnp.zeros((4, 5)), "b": jnp.zeros(5)}, "c": jnp.zeros((2, 3, 4))}
-  default = projection.resolve_dimension_numbers(None, params)
-  assert default == [None, FiraDimensionNumbers(), None]  # only 2-D leaves
-  spec = FiraDimensionNumbers(1, 2)
-  single = projection.resolve_dimension_numbers(spec, params)
-  assert single == [None, spec, spec]  # every leaf with >= 2 dims
-  prefix = projection.resolve_dimension_numbers({"a": None, "c": spec}, params)
-  assert prefix == [None, None, spec]
-  from_fn = projection.resolve_dimension_numbers(lambda p: {"a": spec, "c": None}, params)
-  assert from_fn == [spec, spec, None]
-
-
-def test_resolve_rejects_a_tree_that_does_not_match():
-  params = {"w": jnp.zeros((4, 5))}
-  with pytest.raises(ValueError, match="prefix of the parameters"):
-    projection.resolve_dimension_numbers({"v": None}, params)
+from fira_jax import bases
+from fira_jax import subspace
 
 
 def test_canonical_signs_make_the_largest_entry_of_each_column_positive():
   basis = jnp.array([[0.6, -0.1], [-0.8, 0.3], [0.0, -0.9]])
-  fixed = projection.canonical_signs(basis)
+  fixed = bases.canonical_signs(basis)
   np.testing.assert_allclose(fixed, jnp.array([[-0.6, 0.1], [0.8, -0.3], [0.0, 0.9]]))
 
 
 def test_canonical_signs_break_ties_at_the_first_entry():
-  fixed = projection.canonical_signs(jnp.array([[-0.5], [0.5]]))
+  fixed = bases.canonical_signs(jnp.array([[-0.5], [0.5]]))
   np.testing.assert_allclose(fixed, jnp.array([[0.5], [-0.5]]))
 
 
-@pytest.mark.parametrize("compressed_axis", [0, 1])
-def test_svd_projector_is_orthonormal_and_spans_the_top_subspace(compressed_axis):
+@pytest.mark.parametrize("compressed", ["reduction", "output"])
+def test_svd_projector_is_orthonormal_and_spans_the_top_subspace(compressed):
   key_u, key_v = jax.random.split(jax.random.key(0))
   u = jnp.linalg.qr(jax.random.normal(key_u, (12, 3)))[0]
   v = jnp.linalg.qr(jax.random.normal(key_v, (9, 3)))[0]
   x = (u * jnp.array([5.0, 3.0, 2.0])) @ v.T  # exact rank 3, (reduction, output) = (12, 9)
-  p = projection.svd_projector(x[None], 3, compressed_axis)[0]
-  assert p.shape == ((12, 3) if compressed_axis == 0 else (9, 3))
+  p = bases.svd_projector(x[None], 3, compressed)[0]
+  assert p.shape == ((12, 3) if compressed == "reduction" else (9, 3))
   np.testing.assert_allclose(p.T @ p, jnp.eye(3), atol=1e-5)
   # projecting and back-projecting a matrix in the subspace loses nothing
-  r = projection.project(x[None], p[None], compressed_axis)
-  back = projection.project_back(r, p[None], compressed_axis)[0]
+  r = subspace.project(x[None], p[None], compressed)
+  back = subspace.project_back(r, p[None], compressed)[0]
   np.testing.assert_allclose(back, x, atol=1e-4)
 
 
 def test_svd_projector_does_not_depend_on_the_input_sign():
   x = jax.random.normal(jax.random.key(1), (1, 7, 5))
   chex.assert_trees_all_close(
-    projection.svd_projector(x, 3, 0), projection.svd_projector(-x, 3, 0), atol=1e-5
+    bases.svd_projector(x, 3, "reduction"), bases.svd_projector(-x, 3, "reduction"), atol=1e-5
   )
 
 
 def test_svd_projector_keeps_the_gradient_dtype():
   x = jax.random.normal(jax.random.key(2), (2, 6, 4)).astype(jnp.bfloat16)
-  assert projection.svd_projector(x, 2, 1).dtype == jnp.bfloat16
+  assert bases.svd_projector(x, 2, "output").dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("power_iterations", [0, 1, 2])
-@pytest.mark.parametrize("compressed_axis", [0, 1])
-def test_randomized_and_exact_bases_agree_on_a_matrix_of_exact_rank(
-  compressed_axis, power_iterations
-):
+@pytest.mark.parametrize("compressed", ["reduction", "output"])
+def test_randomized_and_exact_bases_agree_on_a_matrix_of_exact_rank(compressed, power_iterations):
   key_u, key_v, key_o = jax.random.split(jax.random.key(3), 3)
   u = jnp.linalg.qr(jax.random.normal(key_u, (2, 40, 4)))[0]
   v = jnp.linalg.qr(jax.random.normal(key_v, (2, 30, 4)))[0]
   x = jnp.einsum("bkr,r,bor->bko", u, jnp.array([9.0, 5.0, 2.0, 1.0]), v)  # rank 4
   keys = jax.random.split(key_o, 2)
-  exact = projection.svd_projector(x, 4, compressed_axis)
-  approx = projection.randomized_svd_projector(
-    x, 4, compressed_axis, keys, power_iterations=power_iterations
-  )
+  exact = bases.svd_projector(x, 4, compressed)
+  approx = bases.randomized_svd_projector(x, 4, compressed, keys, power_iterations=power_iterations)
   # same vectors (distinct singular values, canonical signs), hence the same subspace
   np.testing.assert_allclose(approx, exact, atol=1e-4)
   np.testing.assert_allclose(
@@ -166,8 +77,8 @@ def test_randomized_basis_captures_the_top_energy_of_a_decaying_spectrum():
   u = jnp.linalg.qr(jax.random.normal(key_u, (200, 60)))[0]
   v = jnp.linalg.qr(jax.random.normal(key_v, (150, 60)))[0]
   x = ((u / (1.0 + jnp.arange(60.0))) @ v.T)[None]  # σ_i = 1 / i: slow decay
-  exact = projection.svd_projector(x, 10, 0)[0]
-  approx = projection.randomized_svd_projector(x, 10, 0, jax.random.split(key_o, 1))[0]
+  exact = bases.svd_projector(x, 10, "reduction")[0]
+  approx = bases.randomized_svd_projector(x, 10, "reduction", jax.random.split(key_o, 1))[0]
   ratio = jnp.linalg.norm(approx.T @ x[0]) / jnp.linalg.norm(exact.T @ x[0])
   assert 0.99 <= float(ratio) <= 1.0 + 1e-6
   np.testing.assert_allclose(approx.T @ approx, jnp.eye(10), atol=1e-5)
@@ -176,31 +87,31 @@ def test_randomized_basis_captures_the_top_energy_of_a_decaying_spectrum():
 def test_randomized_basis_keeps_the_gradient_dtype_and_rank():
   x = jax.random.normal(jax.random.key(5), (3, 16, 7)).astype(jnp.bfloat16)
   keys = jax.random.split(jax.random.key(0), 3)
-  p = projection.randomized_svd_projector(x, 5, 1, keys)
+  p = bases.randomized_svd_projector(x, 5, "output", keys)
   assert p.shape == (3, 7, 5)
   assert p.dtype == jnp.bfloat16
 
 
 def test_random_basis_has_identity_expected_gram():
   keys = jax.random.split(jax.random.key(6), 2000)
-  grams = jax.vmap(lambda k: (p := projection.random_projector(k, 32, 4, jnp.float32)).T @ p)(keys)
+  grams = jax.vmap(lambda k: (p := bases.random_projector(k, 32, 4, jnp.float32)).T @ p)(keys)
   np.testing.assert_allclose(grams.mean(0), jnp.eye(4), atol=0.02)
   assert float(grams[:, 0, 0].std()) > 0.1  # each draw is not orthonormal, only on average
 
 
 def test_random_basis_is_a_function_of_its_key():
   key = jax.random.key(9)
-  a = projection.random_projector(key, 12, 3, jnp.float32)
-  b = projection.random_projector(key, 12, 3, jnp.float32)
+  a = bases.random_projector(key, 12, 3, jnp.float32)
+  b = bases.random_projector(key, 12, 3, jnp.float32)
   chex.assert_trees_all_equal(a, b)
-  c = projection.random_projector(jax.random.key(10), 12, 3, jnp.float32)
+  c = bases.random_projector(jax.random.key(10), 12, 3, jnp.float32)
   assert not np.allclose(a, c)
 
 
 def test_randomized_basis_rejects_negative_power_iterations():
   x, keys = jnp.ones((1, 4, 4)), jax.random.split(jax.random.key(0), 1)
   with pytest.raises(ValueError, match="power_iterations must be >= 0"):
-    projection.randomized_svd_projector(x, 2, 0, keys, power_iterations=-1)
+    bases.randomized_svd_projector(x, 2, "reduction", keys, power_iterations=-1)
 
 
 def low_rank_matrix(key, shape, singular_values):
@@ -215,9 +126,9 @@ def low_rank_matrix(key, shape, singular_values):
 def test_randomized_basis_of_a_rank_deficient_matrix_is_finite_and_captures_it(true_rank):
   # Cholesky-QR's usual failure: Y = A Ω has rank < its width, so YᵀY is singular.
   x = low_rank_matrix(jax.random.key(7), (120, 90), 1.0 + jnp.arange(true_rank))[None]
-  p = projection.randomized_svd_projector(x, 10, 0, jax.random.split(jax.random.key(8), 1))[0]
+  p = bases.randomized_svd_projector(x, 10, "reduction", jax.random.split(jax.random.key(8), 1))[0]
   assert bool(jnp.all(jnp.isfinite(p)))
-  exact = projection.svd_projector(x, 10, 0)[0]
+  exact = bases.svd_projector(x, 10, "reduction")[0]
   captured = jnp.linalg.norm(p.T @ x[0]) / jnp.linalg.norm(exact.T @ x[0])
   np.testing.assert_allclose(captured, 1.0, atol=1e-5)
   kept = min(true_rank, 10)  # columns in the matrix's range are orthonormal
@@ -228,11 +139,11 @@ def test_randomized_basis_of_a_rank_deficient_matrix_is_finite_and_captures_it(t
 @pytest.mark.parametrize("scale", [0.0, 1e-30, 1e30])
 def test_randomized_basis_is_finite_for_zero_tiny_and_huge_gradients(scale):
   x = scale * jax.random.normal(jax.random.key(9), (1, 40, 30))
-  p = projection.randomized_svd_projector(x, 4, 1, jax.random.split(jax.random.key(0), 1))
+  p = bases.randomized_svd_projector(x, 4, "output", jax.random.split(jax.random.key(0), 1))
   assert bool(jnp.all(jnp.isfinite(p)))
   if scale:  # the basis does not depend on the gradient's scale
-    unit = projection.randomized_svd_projector(
-      x / scale, 4, 1, jax.random.split(jax.random.key(0), 1)
+    unit = bases.randomized_svd_projector(
+      x / scale, 4, "output", jax.random.split(jax.random.key(0), 1)
     )
     np.testing.assert_allclose(p, unit, atol=1e-5)
 
@@ -241,9 +152,9 @@ def test_randomized_basis_is_orthonormal_on_an_ill_conditioned_matrix():
   # σ from 1 to 1e-5 over the range finder's 26 columns: one Cholesky-QR loses
   # orthogonality like ε κ² ≫ 1 here; the three-pass one must not.
   x = low_rank_matrix(jax.random.key(10), (200, 150), 10.0 ** (-jnp.arange(60) / 5))[None]
-  p = projection.randomized_svd_projector(x, 10, 0, jax.random.split(jax.random.key(1), 1))[0]
+  p = bases.randomized_svd_projector(x, 10, "reduction", jax.random.split(jax.random.key(1), 1))[0]
   np.testing.assert_allclose(p.T @ p, jnp.eye(10), atol=1e-5)
-  exact = projection.svd_projector(x, 10, 0)[0]
+  exact = bases.svd_projector(x, 10, "reduction")[0]
   captured = jnp.linalg.norm(p.T @ x[0]) / jnp.linalg.norm(exact.T @ x[0])
   np.testing.assert_allclose(captured, 1.0, atol=1e-5)
 
@@ -251,26 +162,22 @@ def test_randomized_basis_is_orthonormal_on_an_ill_conditioned_matrix():
 def test_randomized_basis_of_a_batch_equals_each_matrix_alone():
   x = jax.random.normal(jax.random.key(11), (3, 30, 20))
   keys = jax.random.split(jax.random.key(12), 3)
-  batched = projection.randomized_svd_projector(x, 4, 0, keys)
+  batched = bases.randomized_svd_projector(x, 4, "reduction", keys)
   for b in range(3):
-    alone = projection.randomized_svd_projector(x[b : b + 1], 4, 0, keys[b : b + 1])
+    alone = bases.randomized_svd_projector(x[b : b + 1], 4, "reduction", keys[b : b + 1])
     np.testing.assert_allclose(batched[b : b + 1], alone, atol=1e-5)
 
 
-def test_randomized_basis_uses_no_qr_or_svd_and_no_batched_factorization():
+def test_randomized_basis_uses_no_qr_or_svd():
   # Matrix products and small Cholesky/eigh only, so that no primitive forces a sharded
-  # gradient to be gathered; the factorizations one matrix at a time (batched CPU LAPACK
-  # kernels running concurrently deadlock on two cores).
+  # gradient to be gathered.
   x = jnp.zeros((4, 24, 40))
   keys = jax.random.split(jax.random.key(0), 4)
-  jaxpr = jax.make_jaxpr(lambda x: projection.randomized_svd_projector(x, 4, 0, keys))(x)
-  factorizations = []
+  jaxpr = jax.make_jaxpr(lambda x: bases.randomized_svd_projector(x, 4, "reduction", keys))(x)
 
   def collect(jaxpr):
     for eqn in jaxpr.eqns:
       names.add(eqn.primitive.name)
-      if eqn.primitive.name in ("cholesky", "eigh", "triangular_solve"):
-        factorizations.append(eqn.invars[0].aval.shape)
       for sub in jax_core.jaxprs_in_params(eqn.params):
         collect(sub)
 
@@ -278,7 +185,6 @@ def test_randomized_basis_uses_no_qr_or_svd_and_no_batched_factorization():
   collect(jaxpr.jaxpr)
   assert names.isdisjoint({"householder_product", "geqrf", "qr", "svd"}), names
   assert {"cholesky", "eigh", "dot_general"} <= names
-  assert factorizations and all(len(shape) == 2 for shape in factorizations), factorizations
 
 
 def test_stacked_randomized_bases_do_not_deadlock_on_two_threads():
@@ -287,9 +193,9 @@ def test_stacked_randomized_bases_do_not_deadlock_on_two_threads():
   # factorizations start from the intra-op pool threads that finish the products).
   code = (
     "import os; os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2]);"
-    "import jax; from fira_jax import projection as p;"
+    "import jax; from fira_jax import bases as p;"
     "k = jax.random.split(jax.random.key(0), 4);"
-    "f = jax.jit(lambda xs: [p.randomized_svd_projector(x, 128, 0, k) for x in xs]);"
+    "f = jax.jit(lambda xs: [p.randomized_svd_projector(x, 128, 'reduction', k) for x in xs]);"
     "xs = [jax.random.normal(jax.random.key(i), (4, 512, 1376 + i)) for i in range(4)];"
     "[jax.block_until_ready(f(xs)) for _ in range(3)]; print('done')"
   )
