@@ -23,6 +23,9 @@ from fira_jax.bases import canonical_signs
 from fira_jax.bases import random_projector
 from fira_jax.bases import randomized_svd_projector
 from fira_jax.bases import svd_projector
+from fira_jax.description import Description
+from fira_jax.description import LeafDescription
+from fira_jax.description import describe
 from fira_jax.fira import FORMULATIONS
 from fira_jax.fira import FiraState
 from fira_jax.fira import scale_by_fira
@@ -53,8 +56,10 @@ __all__ = (
   "SCALINGS",
   "ClipByNormGrowthState",
   "DecayUpdatedWeightsState",
+  "Description",
   "FiraDimensionNumbers",
   "FiraState",
+  "LeafDescription",
   "LimitResidualGrowthState",
   "MatrixLayout",
   "ScaleByAdamStepSizeState",
@@ -68,6 +73,7 @@ __all__ = (
   "back_projection",
   "canonical_signs",
   "clip_by_norm_growth",
+  "describe",
   "dimension_numbers_for_paths",
   "fira_adamw",
   "fira_chain",

@@ -23,7 +23,7 @@ class ScaleByUncorrectedAdamState(NamedTuple):
   """State of :func:`scale_by_uncorrected_adam`."""
 
   mu: optax.Updates  # first moments, dtype mu_dtype or the updates'
-  nu: optax.Updates  # second moments, dtype of the updates
+  nu: optax.Updates  # second moments, dtype nu_dtype or the updates'
 
 
 def scale_by_uncorrected_adam(
@@ -31,6 +31,7 @@ def scale_by_uncorrected_adam(
   b2: jax.typing.ArrayLike = 0.999,
   eps: jax.typing.ArrayLike = 1e-6,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Adam's direction without bias correction, ``m / (√v + ε)``.
 
@@ -47,17 +48,21 @@ def scale_by_uncorrected_adam(
     b1: decay of the first moment.
     b2: decay of the second moment.
     eps: added to ``√v`` (outside the square root); the reference uses 1e-6.
-    mu_dtype: optional dtype of the first moment.
+    mu_dtype: optional dtype of the first moment (default: the parameters').
+    nu_dtype: optional dtype of the second moment (default: the parameters', as the
+      reference stores it). With bfloat16 parameters, ``jnp.float32`` keeps ``v``'s
+      small increments ``(1 − β₂) g²`` from rounding away (bfloat16 has 8 bits).
 
   Returns:
     An ``optax.GradientTransformation``.
   """
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
 
   def init_fn(params):
     return ScaleByUncorrectedAdamState(
       mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-      nu=optax.tree.zeros_like(params),
+      nu=optax.tree.zeros_like(params, dtype=nu_dtype),
     )
 
   def update_fn(updates, state, params=None):

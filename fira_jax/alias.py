@@ -85,6 +85,7 @@ def fira_adamw(
   mask: MaskOrFn = None,
   *,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
   norm_growth_limit: jax.typing.ArrayLike | None = 1.01,
   weight_dimension_numbers: layout_lib.DimensionNumbersOrFn = None,
   compressed_side: subspace.CompressedSide = "smaller",
@@ -121,7 +122,9 @@ def fira_adamw(
       reference does (see :func:`add_decayed_weights_after_step`).
     mask: a tree of booleans (or a callable of the params) choosing the leaves
       that are decayed.
-    mu_dtype: optional dtype of Adam's first moment.
+    mu_dtype: optional dtype of Adam's first moment (default: the parameters').
+    nu_dtype: optional dtype of Adam's second moment (default: the parameters',
+      as the reference); ``jnp.float32`` is advisable for bfloat16 parameters.
     norm_growth_limit: ``γ`` of the norm-growth limiter, or None to disable.
     weight_dimension_numbers: which leaves are projected (default: every 2-D
       leaf, ``(in, out)``); see :class:`FiraDimensionNumbers`. To follow the
@@ -166,6 +169,7 @@ def fira_adamw(
       b2=b2,
       eps=eps,
       mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
       norm_growth_limit=norm_growth_limit,
       weight_dimension_numbers=weight_dimension_numbers,
       compressed_side=compressed_side,
@@ -193,6 +197,7 @@ def galore_adamw(
   mask: MaskOrFn = None,
   *,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
   weight_dimension_numbers: layout_lib.DimensionNumbersOrFn = None,
   compressed_side: subspace.CompressedSide = "smaller",
   projection: bases.Projection = "svd",
@@ -229,6 +234,7 @@ def galore_adamw(
       b2=b2,
       eps=eps,
       mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
       weight_dimension_numbers=weight_dimension_numbers,
       compressed_side=compressed_side,
       residual=False,

@@ -52,6 +52,7 @@ def scale_by_fira(
   b2: jax.typing.ArrayLike | None = None,
   eps: jax.typing.ArrayLike | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
   norm_growth_limit: jax.typing.ArrayLike | None = 1.01,
   weight_dimension_numbers: layout_lib.DimensionNumbersOrFn = None,
   compressed_side: subspace.CompressedSide = "smaller",
@@ -95,6 +96,9 @@ def scale_by_fira(
     b2: the default Adam's ``β₂`` (0.999); only with ``base_optimizer=None``.
     eps: the default Adam's ``ε`` (1e-6, the reference's, where optax's
       Adam uses 1e-8); only with ``base_optimizer=None``.
+    nu_dtype: the default Adam's second-moment dtype (default: the
+      parameters'; ``jnp.float32`` for bfloat16 parameters); only with
+      ``base_optimizer=None``.
     mu_dtype: the default Adam's first-moment dtype; only with
       ``base_optimizer=None``.
     norm_growth_limit: ``γ``, the largest growth of ``‖S‖`` per step (1.01 in
@@ -177,9 +181,13 @@ def scale_by_fira(
   hyperparams = checks.checked_fira_hyperparams(scale, norm_growth_limit, projection_seed)
   if base_optimizer is None:
     hyperparams.update(adam.checked_reference_adam_hyperparams(b1, b2, eps))
-    base_optimizer = adam.scale_by_uncorrected_adam(mu_dtype=mu_dtype, **_adam(hyperparams))
+    base_optimizer = adam.scale_by_uncorrected_adam(
+      mu_dtype=mu_dtype, nu_dtype=nu_dtype, **_adam(hyperparams)
+    )
   else:
-    checks.check_unused_with_base_optimizer(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+    checks.check_unused_with_base_optimizer(
+      b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+    )
   correct_step_size = "b1" in hyperparams
   stores_projector = projection != "random"
   use_limiter = residual and norm_growth_limit is not None
@@ -220,7 +228,7 @@ def scale_by_fira(
   def update_fn(updates, state, hp):
     base = base_optimizer
     if correct_step_size:  # rebuilt from hp, the (possibly injected) hyperparameters
-      base = adam.scale_by_uncorrected_adam(mu_dtype=mu_dtype, **_adam(hp))
+      base = adam.scale_by_uncorrected_adam(mu_dtype=mu_dtype, nu_dtype=nu_dtype, **_adam(hp))
     layouts = space.layouts(updates)
     leaves, treedef = jax.tree.flatten(updates)
     stored_projectors, stored_norms = _checked_state(updates, state, layouts, base)

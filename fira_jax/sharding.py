@@ -42,13 +42,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from fira_jax import layout
+from fira_jax import state_tree
 from fira_jax import subspace
 
 Spec = tuple  # one entry per array dimension: None, a mesh axis name, or a tuple of names
-
-
-def _is_masked(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
 
 
 def _is_sharding(x: Any) -> bool:
@@ -105,25 +102,6 @@ def _mesh_of(sharding_leaves: list) -> Any:
   return mesh
 
 
-def _layouts_seen_by_init(tx, params) -> tuple[Any, list[list]]:
-  """The abstract state, and per parameter the layouts that the Fira pieces computed."""
-  treedef = jax.tree.structure(params)
-  seen = [[] for _ in range(treedef.num_leaves)]
-  with subspace.recording_layouts() as records:
-    # A new function object: a cached trace of tx.init would compute no layouts.
-    state = jax.eval_shape(lambda p: tx.init(p), params)
-  for tree, layouts in records:
-    nodes = jax.tree.leaves(tree, is_leaf=_is_masked)
-    if jax.tree.structure(tree, is_leaf=_is_masked) != treedef:
-      continue  # a tree other than the parameters' (none of optax's wrappers make one)
-    found = iter(layouts)
-    for i, node in enumerate(nodes):
-      lay = None if _is_masked(node) else next(found)
-      if lay is not None and lay not in seen[i]:
-        seen[i].append(lay)
-  return state, seen
-
-
 def state_shardings(
   tx_or_state: optax.GradientTransformation | optax.OptState,
   params: optax.Params,
@@ -173,7 +151,7 @@ def state_shardings(
     P(None, 'fsdp')
   """
   if callable(getattr(tx_or_state, "init", None)):
-    state, seen = _layouts_seen_by_init(tx_or_state, params)
+    state, seen = state_tree.layouts_seen_by_init(tx_or_state, params)
   else:
     state, seen = tx_or_state, [[] for _ in jax.tree.leaves(params)]
   param_leaves, treedef = jax.tree.flatten(params)
@@ -197,32 +175,17 @@ def state_shardings(
     specs[tuple(jax.numpy.shape(x))] = s  # the parameter's own shape: its sharding
     by_shape.append(specs)
 
-  def params_like(tree):
-    out = []
-    for i, x in enumerate(treedef.flatten_up_to(tree)):
-      if _is_masked(x):
-        out.append(x)
-        continue
-      shape = tuple(x.shape)
-      spec = by_shape[i].get(shape)
-      if spec is None and any(e is not None for e in entries[i]) and shape:
-        raise ValueError(
-          f"the optimizer state holds a leaf of shape {shape} for {names[i]}, of shape"
-          f" {jax.numpy.shape(param_leaves[i])} and sharded {entries[i]}, that is neither"
-          " the parameter's shape nor one of Fira's state shapes for it: pass"
-          " state_shardings the optimizer (not its state), or shard that leaf yourself."
-        )
-      out.append(make(()) if spec is None else spec if _is_sharding(spec) else make(spec))
-    return treedef.unflatten(out)
+  def per_parameter(i, x):
+    shape = tuple(x.shape)
+    spec = by_shape[i].get(shape)
+    if spec is None and any(e is not None for e in entries[i]) and shape:
+      raise ValueError(
+        f"the optimizer state holds a leaf of shape {shape} for {names[i]}, of shape"
+        f" {jax.numpy.shape(param_leaves[i])} and sharded {entries[i]}, that is neither"
+        " the parameter's shape nor one of Fira's state shapes for it: pass"
+        " state_shardings the optimizer (not its state), or shard that leaf yourself."
+      )
+    return make(()) if spec is None else spec if _is_sharding(spec) else make(spec)
 
-  def walk(node):
-    if jax.tree.structure(node, is_leaf=_is_masked) == treedef:
-      return params_like(node)
-    if _is_masked(node) or node is None:
-      return node
-    children, node_def = jax.tree.flatten(node, is_leaf=lambda c: c is not node)
-    if len(children) == 1 and children[0] is node:
-      return make(())  # an array outside any parameter-shaped subtree: count, lr, …
-    return node_def.unflatten([walk(c) for c in children])
-
-  return walk(state)
+  # Arrays outside any parameter-shaped subtree (counts, learning rates) are replicated.
+  return state_tree.map_by_parameter(state, treedef, per_parameter, lambda _: make(()))

@@ -47,3 +47,21 @@ def test_adam_step_size_matches_the_formula():
   for t in (1, 2, 10, 1000):
     expected = np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
     np.testing.assert_allclose(fira_jax.adam_step_size(t, 0.9, 0.999), expected, rtol=1e-5)
+
+
+def test_float32_second_moment_for_bfloat16_params_keeps_small_increments():
+  # v's per-step increment (1 − β₂) g² is below bfloat16's resolution once v ≈ g²: a bfloat16
+  # second moment stalls, a float32 one tracks the float32 run.
+  grads = jnp.ones((4,), jnp.bfloat16)
+  runs = {}
+  for name, nu_dtype in (("bf16", None), ("f32", jnp.float32)):
+    tx = fira_jax.scale_by_uncorrected_adam(nu_dtype=nu_dtype)
+    state, update = tx.init(grads), jax.jit(tx.update)
+    for _ in range(1000):
+      u, state = update(grads, state)
+    assert u.dtype == jnp.bfloat16
+    runs[name] = state.nu
+  exact = 1 - 0.999**1000
+  assert runs["f32"].dtype == jnp.float32 and runs["bf16"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(runs["f32"], exact, rtol=1e-4)
+  assert float(jnp.max(jnp.abs(runs["bf16"].astype(jnp.float32) - exact))) > 0.1
