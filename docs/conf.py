@@ -63,3 +63,13 @@ templates_path: list[str] = []
 html_theme = "furo"
 html_title = f"fira_jax {release}"
 html_static_path: list[str] = []
+
+
+def _no_builtin_docstring(app, what, name, obj, options, lines):
+  """Option values are plain tuples: show the page's text, not tuple's own docstring."""
+  if what == "data" and isinstance(obj, tuple):
+    lines.clear()
+
+
+def setup(app):
+  app.connect("autodoc-process-docstring", _no_builtin_docstring)

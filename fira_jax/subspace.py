@@ -80,7 +80,7 @@ class Subspace:
 
   The one configuration that every piece of Fira which holds per-matrix state
   (:func:`fira_jax.subspace_projection`, :func:`fira_jax.in_subspace`,
-  :func:`fira_jax.residual_growth_limiter`) is built from.
+  :func:`fira_jax.limit_residual_growth`) is built from.
 
   Args:
     rank: the subspace rank ``r``, clipped to each matrix's smaller dimension.
