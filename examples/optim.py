@@ -71,6 +71,7 @@ def build_optimizer(config, model_config: LlamaConfig) -> optax.GradientTransfor
     projection=config.projection,
     projection_seed=config.projection_seed,
     staggered_refresh=config.staggered_refresh,
+    nu_dtype=config.nu_dtype,
     **adam,
   )
   if name == "fira":

@@ -30,6 +30,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+import fira_jax
+
 
 @dataclasses.dataclass
 class Config:
@@ -47,6 +49,7 @@ class Config:
   eps: float = 1e-6
   weight_decay: float = 0.0
   mu_dtype: str | None = None  # Adam's first-moment dtype, e.g. bfloat16 (default: the params')
+  nu_dtype: str | None = None  # fira/galore: second-moment dtype, e.g. float32 for bf16 params
   rank: int | None = None  # Fira/GaLore rank, positive; None (the default) means hidden / 4
   update_proj_gap: int = 200  # steps between projector refreshes
   scale: float = 0.25  # Fira/GaLore alpha
@@ -87,12 +90,13 @@ class Config:
 FLAG_CHOICES = {
   "model": sorted(model_lib.CONFIGS),
   "optimizer": optim.OPTIMIZERS,
-  "scaling": ("column", "matrix"),
-  "formulation": ("reference", "paper"),
-  "compressed_side": ("smaller", "larger", "reduction", "output"),
+  "scaling": fira_jax.SCALINGS,
+  "formulation": fira_jax.FORMULATIONS,
+  "compressed_side": fira_jax.COMPRESSED_SIDES,
   "domain": ("pretrain", "finetune"),
-  "projection": ("svd", "randomized_svd", "random"),
+  "projection": fira_jax.PROJECTIONS,
   "mu_dtype": (None, "float32", "bfloat16", "float16"),
+  "nu_dtype": (None, "float32", "bfloat16", "float16"),
 }
 
 # Flags that take a positive integer or are left out (None): what leaving them out means.
@@ -549,6 +553,8 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict:
     f"optimizer {config.optimizer}: state {describe_bytes(opt_bytes)} vs AdamW's"
     f" {describe_bytes(adam_bytes)} on the same parameters ({opt_bytes / adam_bytes:.3f}x)"
   )
+  if config.optimizer in ("fira", "galore"):  # what is projected, before the first step
+    print(fira_jax.describe(optimizer.tx, nnx.as_pure(nnx.state(model, wrt))))
 
   @nnx.jit
   def train_step(model, optimizer, batch):
