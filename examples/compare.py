@@ -138,7 +138,7 @@ def train_config(args, run: Run) -> train.Config:
     optimizer=optimizer,
     lr=run.lr,
     embed_lr=run.embed_lr,
-    rank=run.rank,
+    rank=run.rank or None,  # None: hidden / 4
     seed=run.seed,
     steps=args.steps,
     batch_size=args.batch_size,
