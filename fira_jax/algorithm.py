@@ -194,6 +194,7 @@ def norm_based_scaling(
   checks.check_choice("scaling", scaling, scaling_lib.SCALINGS)
 
   def scaled_residual(u: SubspaceUpdate) -> SubspaceUpdate:
+    # The reference subtracts α P R; Algorithm 1 subtracts the whole in-subspace part P R.
     a, _ = _residual_weight(scale, formulation)
     phi = scaling_lib.norm_based_scaling_factor(
       u.direction, u.projected, u.layout.rank_axis, scaling
@@ -259,6 +260,7 @@ def back_projection(
   def full_update(u: SubspaceUpdate) -> jax.Array:
     update = scale * subspace_lib.project_back(u.direction, u.projector, u.layout.compressed)
     if u.residual is not None:
+      # The reference adds S as it is; the paper multiplies it by α too.
       _, c = _residual_weight(scale, formulation)
       update = update + c * u.residual
     return u.layout.matrix.from_matrices(update.astype(u.gradient.dtype))
@@ -291,8 +293,9 @@ def fira_chain(
   The same update as :func:`fira_jax.scale_by_fira` (which fuses it into two matrix
   products per matrix and keeps one state for the whole); use this one to read, modify or
   recombine the algorithm. Arguments as :func:`fira_jax.scale_by_fira`; the default
-  ``base_optimizer`` is the reference's Adam (:func:`fira_jax.scale_by_uncorrected_adam`,
-  its step size :func:`fira_jax.scale_by_adam_step_size` applied last).
+  ``base_optimizer`` is the reference's Adam (:func:`fira_jax.scale_by_uncorrected_adam`
+  with its defaults, its step size :func:`fira_jax.scale_by_adam_step_size` applied last,
+  as the reference applies it to the whole update); pass ``base_optimizer`` for any other.
 
   Example:
     >>> import jax.numpy as jnp, optax, fira_jax

@@ -41,18 +41,22 @@ class SubspaceLayout:
 
   @property
   def batch_shape(self) -> tuple[int, ...]:
+    """The leaf's batch axes' sizes (one matrix per entry)."""
     return self.matrix.batch_shape
 
   @property
   def compressed_size(self) -> int:
+    """The size of the compressed side of each matrix."""
     return self.matrix.reduction if self.compressed == "reduction" else self.matrix.output
 
   @property
   def projector_shape(self) -> tuple[int, ...]:
+    """The stored basis ``P``: ``batch_shape + (compressed_size, rank)``."""
     return self.batch_shape + (self.compressed_size, self.rank)
 
   @property
   def low_rank_shape(self) -> tuple[int, ...]:
+    """``R`` and the base optimizer's moments: the compressed side replaced by the rank."""
     if self.compressed == "reduction":
       return self.batch_shape + (self.rank, self.matrix.output)
     return self.batch_shape + (self.matrix.reduction, self.rank)
