@@ -90,7 +90,7 @@ def describe(tx, params: optax.Params) -> Description:
     >>> report.leaves[1].matrices, report.leaves[1].compressed, report.leaves[1].rank
     ((1, 64, 32), 'output', 8)
     >>> round(report.state_bytes / report.adamw_state_bytes, 3)
-    0.333
+    0.323
   """
   state, seen = state_tree.layouts_seen_by_init(tx, params)
   treedef = jax.tree.structure(params)
