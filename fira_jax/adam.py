@@ -20,7 +20,11 @@ from fira_jax import checks
 
 
 class ScaleByUncorrectedAdamState(NamedTuple):
-  """State of :func:`scale_by_uncorrected_adam`."""
+  """State of :func:`scale_by_uncorrected_adam`: the moments ``mu`` (``m``) and ``nu`` (``v``).
+
+  Both are trees like the parameters, uncorrected, in ``mu_dtype`` / ``nu_dtype`` or the
+  parameters' dtype; there is no step count (the step size keeps its own).
+  """
 
   mu: optax.Updates  # first moments, dtype mu_dtype or the updates'
   nu: optax.Updates  # second moments, dtype nu_dtype or the updates'
@@ -54,7 +58,23 @@ def scale_by_uncorrected_adam(
       small increments ``(1 − β₂) g²`` from rounding away (bfloat16 has 8 bits).
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformation`` with state :class:`ScaleByUncorrectedAdamState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, fira_jax
+    >>> g = jnp.array([2.0, -0.5])
+    >>> tx = fira_jax.scale_by_uncorrected_adam()
+    >>> n, _ = tx.update(g, tx.init(g))  # m = 0.1 g, v = 0.001 g²: N ≈ 0.1 sign(g) / √0.001
+    >>> [round(v, 3) for v in n.tolist()]
+    [3.162, -3.162]
+    >>> tx = optax.chain(tx, fira_jax.scale_by_adam_step_size())  # the reference's Adam
+    >>> u, _ = tx.update(g, tx.init(g))
+    >>> [round(v, 3) for v in u.tolist()]
+    [1.0, -1.0]
+
+  References:
+    Kingma and Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, 2015
   """
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
@@ -110,13 +130,40 @@ def _one_minus_power(b: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
 def adam_step_size(
   count: jax.typing.ArrayLike, b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike
 ) -> jax.Array:
-  """``√(1 − β₂ᵗ) / (1 − β₁ᵗ)`` for the ``count``-th step (``t = count ≥ 1``), in float32."""
+  r"""``√(1 − β₂ᵗ) / (1 − β₁ᵗ)`` for the ``count``-th step (``t = count ≥ 1``), in float32.
+
+  .. math::
+    η_t = \frac{\sqrt{1 - β_2^t}}{1 - β_1^t}
+
+  Adam's bias correction folded into the step size (Sec. 2 of the paper), as the
+  reference applies it; ``1 − βᵗ`` is computed as ``−expm1(t log β)`` so that float32
+  keeps its digits on early steps.
+
+  Args:
+    count: ``t``, the number of the step (1 on the first update); an integer or array.
+    b1: ``β₁``, the first moment's decay.
+    b2: ``β₂``, the second moment's decay.
+
+  Returns:
+    A float32 scalar (or an array like ``count``).
+
+  Example:
+    >>> import fira_jax
+    >>> round(float(fira_jax.adam_step_size(1, 0.9, 0.999)), 4)  # √0.001 / 0.1
+    0.3162
+    >>> round(float(fira_jax.adam_step_size(10_000, 0.9, 0.999)), 4)
+    1.0
+
+  References:
+    Kingma and Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, 2015
+  """
   t = jnp.asarray(count, jnp.float32)
   return jnp.sqrt(_one_minus_power(b2, t)) / _one_minus_power(b1, t)
 
 
 class ScaleByAdamStepSizeState(NamedTuple):
-  """State of :func:`scale_by_adam_step_size`."""
+  """State of :func:`scale_by_adam_step_size`: ``count``, the updates so far (int32)."""
 
   count: jax.Array  # shape=(), dtype=jnp.int32
 
@@ -124,7 +171,35 @@ class ScaleByAdamStepSizeState(NamedTuple):
 def scale_by_adam_step_size(
   b1: jax.typing.ArrayLike = 0.9, b2: jax.typing.ArrayLike = 0.999
 ) -> optax.GradientTransformation:
-  """Multiplies updates by Adam's bias-correction step size ``√(1 − β₂ᵗ) / (1 − β₁ᵗ)``."""
+  r"""Multiplies updates by Adam's bias-correction step size ``√(1 − β₂ᵗ) / (1 − β₁ᵗ)``.
+
+  .. math::
+    u_t ← \frac{\sqrt{1 - β_2^t}}{1 - β_1^t}\, u_t, \quad t = 1, 2, …
+
+  Placed after :func:`scale_by_uncorrected_adam`, it makes the reference's
+  bias-corrected Adam (see :func:`adam_step_size`).
+
+  Args:
+    b1: ``β₁``, the first moment's decay.
+    b2: ``β₂``, the second moment's decay.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`ScaleByAdamStepSizeState`.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> tx = fira_jax.scale_by_adam_step_size()
+    >>> state = tx.init(jnp.ones(2))
+    >>> u, state = tx.update(jnp.ones(2), state)  # t = 1: √0.001 / 0.1
+    >>> [round(v, 4) for v in u.tolist()]
+    [0.3162, 0.3162]
+    >>> int(state.count)
+    1
+
+  References:
+    Kingma and Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, 2015
+  """
 
   def init_fn(params):
     del params

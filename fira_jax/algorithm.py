@@ -56,7 +56,33 @@ from fira_jax import subspace as subspace_lib
 )
 @dataclasses.dataclass(frozen=True)
 class SubspaceUpdate:
-  """One projected leaf between the pieces of :func:`fira_chain` (``(B, ·, ·)`` batches)."""
+  """One projected leaf between the pieces of :func:`fira_chain` (``(B, ·, ·)`` batches).
+
+  :func:`subspace_projection` makes one from each projected gradient leaf, the later
+  pieces fill in its fields, and :func:`back_projection` turns it back into an array of
+  the leaf's shape. A JAX pytree: the arrays are its children, ``layout`` is static.
+
+  Its fields:
+
+  * ``gradient``: ``G``, the leaf as ``(B, reduction, output)`` matrices;
+  * ``projector``: ``P``, ``(B, compressed, rank)``;
+  * ``projected``: ``R = Pᵀ G`` (``G P`` when the output side is compressed);
+  * ``direction``: ``N = ψ(R)``, on ``R``'s shape; None before :func:`in_subspace`;
+  * ``residual``: ``S``, float32, on ``G``'s shape; None before
+    :func:`norm_based_scaling`;
+  * ``layout``: the leaf's :class:`SubspaceLayout`.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> tx = fira_jax.subspace_projection(fira_jax.Subspace(rank=2))
+    >>> g = {'w': jnp.ones((8, 4))}
+    >>> out, _ = tx.update(g, tx.init(g))
+    >>> u = out['w']
+    >>> u.gradient.shape, u.projector.shape, u.projected.shape, u.direction
+    ((1, 8, 4), (1, 4, 2), (1, 8, 2), None)
+    >>> u.layout.compressed  # the smaller side, the 4 outputs
+    'output'
+  """
 
   gradient: jax.Array  # G, (B, reduction, output)
   projector: jax.Array  # P, (B, compressed, rank)
@@ -78,7 +104,12 @@ def _map_projected(fn, updates):
 
 
 class SubspaceProjectionState(NamedTuple):
-  """State of :func:`subspace_projection`."""
+  """State of :func:`subspace_projection`: ``count`` (int32) and the bases ``projector``.
+
+  ``projector`` holds each projected leaf's ``P``, ``batch_shape + (compressed, rank)``,
+  and ``optax.MaskedNode()`` at the other leaves (at every leaf with
+  ``projection="random"``, whose basis is regenerated rather than stored).
+  """
 
   count: jax.Array  # shape=(), dtype=jnp.int32
   projector: optax.Updates  # batch_shape + (compressed, rank); MaskedNode if not stored
@@ -91,11 +122,48 @@ def subspace_projection(
   projection_seed: int = 0,
   staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
-  """``R = Pᵀ G``: projects each selected matrix onto its rank-r subspace.
+  r"""``R = Pᵀ G``: projects each selected matrix onto its rank-r subspace.
 
-  The basis ``P`` is refreshed from ``G`` on steps ``0, T, 2T, …`` (see
-  :func:`fira_jax.scale_by_fira` for ``projection`` and ``staggered_refresh``).
-  Projected leaves come out as :class:`SubspaceUpdate`; the others pass unchanged.
+  .. math::
+    R_t = P_t^\top G_t, \quad
+    P_t = \begin{cases} \text{the top-}r\text{ singular vectors of } G_t
+      & t \equiv 0 \pmod T \\ P_{t-1} & \text{otherwise} \end{cases}
+
+  (``R = G P`` when the output side is compressed). The basis ``P`` is refreshed from
+  ``G`` on steps ``0, T, 2T, …`` (see :func:`fira_jax.scale_by_fira` for ``projection``
+  and ``staggered_refresh``). Projected leaves come out as :class:`SubspaceUpdate`; the
+  others pass unchanged.
+
+  Args:
+    subspace: the :class:`Subspace`: which leaves are projected, how, to which rank.
+    update_proj_gap: ``T``, steps between projector refreshes (static).
+    projection: ``"svd"``, ``"randomized_svd"`` or ``"random"`` (see
+      :data:`PROJECTIONS`).
+    projection_seed: the seed of the randomized and random bases (an int).
+    staggered_refresh: spread the refreshes evenly over the gap instead of refreshing
+      every matrix on the same step.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`SubspaceProjectionState`.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> tx = fira_jax.subspace_projection(fira_jax.Subspace(rank=2))
+    >>> params = {'w': jnp.ones((8, 4)), 'b': jnp.zeros(4)}
+    >>> grads = {'w': jnp.arange(32.0).reshape(8, 4) % 5, 'b': jnp.ones(4)}
+    >>> out, state = tx.update(grads, tx.init(params))
+    >>> out['w'].projected.shape, out['b'].shape  # R = G P, (B, 8, rank); b as it is
+    ((1, 8, 2), (4,))
+    >>> p = state.projector['w']  # (4, 2): the top-2 right singular vectors of G
+    >>> bool(jnp.allclose(p.T @ p, jnp.eye(2), atol=1e-5))
+    True
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, 2024
+
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
   """
   checks.check_positive_int("update_proj_gap", update_proj_gap)
   checks.check_choice("projection", projection, bases.PROJECTIONS)
@@ -143,11 +211,40 @@ def subspace_projection(
 def in_subspace(
   inner: optax.GradientTransformation, subspace: subspace_lib.Subspace
 ) -> optax.GradientTransformation:
-  """``N = ψ(R)``: runs the gradient-only ``inner`` on the low-rank matrices.
+  r"""``N = ψ(R)``: runs the gradient-only ``inner`` on the low-rank matrices.
 
-  ``inner`` (e.g. ``optax.scale_by_adam()``) sees each projected leaf as its
+  .. math::
+    N_t = ψ(R_t)
+
+  ``inner`` (``ψ``, e.g. ``optax.scale_by_adam()``) sees each projected leaf as its
   ``batch_shape + low_rank_shape`` matrices ``R`` (so its state is rank r), and the
   unprojected leaves at full shape; it is not given ``params``.
+
+  Args:
+    inner: a gradient-only ``optax.GradientTransformation``.
+    subspace: the :class:`Subspace` of the :func:`subspace_projection` before it.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is ``inner``'s. It sets each
+    :class:`SubspaceUpdate`'s ``direction``; unprojected leaves become ``inner``'s
+    output (zeros for integer and boolean leaves).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, fira_jax
+    >>> space = fira_jax.Subspace(rank=2)
+    >>> tx = optax.chain(fira_jax.subspace_projection(space),
+    ...                  fira_jax.in_subspace(optax.scale_by_adam(), space))
+    >>> params = {'w': jnp.ones((8, 4)), 'b': jnp.zeros(4)}
+    >>> state = tx.init(params)
+    >>> state[1].mu['w'].shape, state[1].mu['b'].shape  # Adam's moments: rank 2 for w
+    ((8, 2), (4,))
+    >>> out, state = tx.update({'w': jnp.ones((8, 4)), 'b': jnp.ones(4)}, state)
+    >>> out['w'].direction.shape
+    (1, 8, 2)
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, 2024
   """
 
   def init_fn(params):
@@ -185,11 +282,43 @@ def norm_based_scaling(
   scaling: scaling_lib.Scaling = "column",
   formulation: str = "reference",
 ) -> optax.GradientTransformation:
-  """``S = φ ⊙ (G − α P R)`` with ``φ = ‖N‖ / (‖R‖ + 10⁻⁸)`` per channel (or matrix).
+  r"""``S = φ ⊙ (G − α P R)`` with ``φ = ‖N‖ / (‖R‖ + 10⁻⁸)`` per channel (or matrix).
 
-  The base optimizer's effect inside the subspace, the ratio of its output's norm to its
-  input's, stands in for its effect on the residual outside it (Sec. 4.1). With
-  ``formulation="paper"`` the residual is ``φ ⊙ (I − P Pᵀ) G``.
+  .. math::
+    φ_j = \frac{\lVert N_{:,j} \rVert}{\lVert R_{:,j} \rVert + 10^{-8}}, \quad
+    S = φ \odot (G - α P R)
+
+  with ``j`` a channel of the kept side (``scaling="column"``) or Frobenius norms
+  (``"matrix"``). The base optimizer's effect inside the subspace, the ratio of its
+  output's norm to its input's, stands in for its effect on the residual outside it
+  (Sec. 4.1). With ``formulation="paper"`` the residual is ``φ ⊙ (I − P Pᵀ) G``.
+
+  Args:
+    scale: ``α``, as given to :func:`back_projection`.
+    scaling: ``"column"`` or ``"matrix"`` (see :data:`SCALINGS`).
+    formulation: ``"reference"`` or ``"paper"`` (see :data:`FORMULATIONS`).
+
+  Returns:
+    A stateless ``optax.GradientTransformation`` that sets each
+    :class:`SubspaceUpdate`'s ``residual`` (its ``direction`` must be set).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, fira_jax
+    >>> space = fira_jax.Subspace(rank=2)
+    >>> tx = optax.chain(fira_jax.subspace_projection(space),
+    ...                  fira_jax.in_subspace(optax.scale_by_adam(), space),
+    ...                  fira_jax.norm_based_scaling(scale=1.0))
+    >>> g = {'w': jnp.arange(32.0).reshape(8, 4) % 5}
+    >>> out, _ = tx.update(g, tx.init(g))
+    >>> s, p = out['w'].residual, out['w'].projector
+    >>> s.shape, s.dtype
+    ((1, 8, 4), dtype('float32'))
+    >>> bool(jnp.abs(s @ p).max() < 1e-5)  # α = 1: S lies outside the subspace
+    True
+
+  References:
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
   """
   checks.check_choice("scaling", scaling, scaling_lib.SCALINGS)
 
@@ -207,7 +336,11 @@ def norm_based_scaling(
 
 
 class LimitResidualGrowthState(NamedTuple):
-  """State of :func:`limit_residual_growth`."""
+  """State of :func:`limit_residual_growth`: ``count`` (int32) and ``residual_norm``.
+
+  ``residual_norm`` holds each projected leaf's ``‖S_{t−1}‖`` after limiting, one per
+  matrix (float32, ``batch_shape``), and ``optax.MaskedNode()`` at the other leaves.
+  """
 
   count: jax.Array  # shape=(), dtype=jnp.int32
   residual_norm: optax.Updates  # float32, batch_shape: ‖S_{t-1}‖ per matrix
@@ -216,10 +349,41 @@ class LimitResidualGrowthState(NamedTuple):
 def limit_residual_growth(
   subspace: subspace_lib.Subspace, growth_limit: jax.typing.ArrayLike = 1.01
 ) -> optax.GradientTransformation:
-  """``S ← S / λ``: each matrix's residual norm grows at most ``γ`` per step (Sec. 4.2).
+  r"""``S ← S / λ``: each matrix's residual norm grows at most ``γ`` per step (Sec. 4.2).
+
+  .. math::
+    λ_t = \max\left(\frac{\lVert S_t \rVert}{\lVert S_{t-1} \rVert + 10^{-8}}, γ\right)
+      / γ, \quad S_t ← S_t / λ_t
 
   See :func:`fira_jax.clip_by_norm_growth` for ``λ``; this one limits the residuals of
-  :class:`SubspaceUpdate` leaves, one norm per matrix.
+  :class:`SubspaceUpdate` leaves, one norm per matrix. On the first step the norm is
+  only recorded.
+
+  Args:
+    subspace: the :class:`Subspace` of the :func:`subspace_projection` before it.
+    growth_limit: ``γ ≥ 1``; the reference uses 1.01.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`LimitResidualGrowthState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, fira_jax
+    >>> space = fira_jax.Subspace(rank=2)
+    >>> tx = optax.chain(fira_jax.subspace_projection(space),
+    ...                  fira_jax.in_subspace(optax.identity(), space),
+    ...                  fira_jax.norm_based_scaling(),
+    ...                  fira_jax.limit_residual_growth(space, growth_limit=1.01))
+    >>> g = jnp.arange(32.0).reshape(8, 4) % 5
+    >>> state = tx.init({'w': g})
+    >>> first, state = tx.update({'w': g}, state)  # recorded, not limited
+    >>> second, state = tx.update({'w': 10 * g}, state)  # ten times larger: limited
+    >>> norm = lambda out: jnp.linalg.norm(out['w'].residual)
+    >>> round(float(norm(second) / norm(first)), 4)
+    1.01
+
+  References:
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
   """
   checks.check_number("growth_limit", growth_limit, 1.0, True, ">= 1")
 
@@ -252,9 +416,43 @@ def limit_residual_growth(
 def back_projection(
   scale: jax.typing.ArrayLike = 1.0, formulation: str = "reference"
 ) -> optax.GradientTransformation:
-  """``u = α P N + S``: back to the parameter's shape (``α P N`` alone without a residual).
+  r"""``u = α P N + S``: back to the parameter's shape (``α P N`` alone without a residual).
 
-  With ``formulation="paper"``: ``α (P N + S)``.
+  .. math::
+    u_t = α P_t N_t + S_t
+
+  (``N Pᵀ`` when the output side is compressed). With ``formulation="paper"``:
+  ``α (P N + S)``.
+
+  Args:
+    scale: ``α``, the subspace term's weight.
+    formulation: ``"reference"`` or ``"paper"`` (see :data:`FORMULATIONS`).
+
+  Returns:
+    A stateless ``optax.GradientTransformation`` that turns each
+    :class:`SubspaceUpdate` into an array of its leaf's shape and dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, fira_jax
+    >>> space = fira_jax.Subspace(rank=2)
+    >>> chain = optax.chain(fira_jax.subspace_projection(space),
+    ...                     fira_jax.in_subspace(optax.scale_by_adam(), space),
+    ...                     fira_jax.norm_based_scaling(0.25),
+    ...                     fira_jax.limit_residual_growth(space),
+    ...                     fira_jax.back_projection(0.25))
+    >>> params = {'w': jnp.ones((8, 4)), 'b': jnp.zeros(4)}
+    >>> grads = {'w': jnp.arange(32.0).reshape(8, 4) % 5, 'b': jnp.ones(4)}
+    >>> u, _ = chain.update(grads, chain.init(params))
+    >>> u['w'].shape  # the parameter's shape again
+    (8, 4)
+    >>> fused = fira_jax.scale_by_fira(rank=2, scale=0.25, base_optimizer=optax.scale_by_adam())
+    >>> v, _ = fused.update(grads, fused.init(params))
+    >>> bool(jnp.allclose(u['w'], v['w'], atol=1e-5))  # the same update, fused
+    True
+
+  References:
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
   """
 
   def full_update(u: SubspaceUpdate) -> jax.Array:
@@ -292,10 +490,31 @@ def fira_chain(
 
   The same update as :func:`fira_jax.scale_by_fira` (which fuses it into two matrix
   products per matrix and keeps one state for the whole); use this one to read, modify or
-  recombine the algorithm. Arguments as :func:`fira_jax.scale_by_fira`; the default
-  ``base_optimizer`` is the reference's Adam (:func:`fira_jax.scale_by_uncorrected_adam`
-  with its defaults, its step size :func:`fira_jax.scale_by_adam_step_size` applied last,
-  as the reference applies it to the whole update); pass ``base_optimizer`` for any other.
+  recombine the algorithm. The default ``base_optimizer`` is the reference's Adam
+  (:func:`fira_jax.scale_by_uncorrected_adam` with its defaults, its step size
+  :func:`fira_jax.scale_by_adam_step_size` applied last, as the reference applies it to the
+  whole update); pass ``base_optimizer`` for any other.
+
+  Args:
+    rank: the subspace rank ``r`` (static), clipped to each matrix's smaller dimension.
+    update_proj_gap: ``T``, steps between projector refreshes (static).
+    scale: ``α`` (positive).
+    base_optimizer: ``ψ``, a gradient-only transformation run in the subspace (and on
+      unprojected leaves at full shape); default: the reference's Adam, as above.
+    norm_growth_limit: ``γ`` of :func:`limit_residual_growth`, or None to leave that
+      piece out.
+    weight_dimension_numbers: which leaves are projected and which axes form their
+      matrices; see :class:`Subspace`.
+    compressed_side: which side of each matrix is compressed; see :class:`Subspace`.
+    scaling: ``"column"`` or ``"matrix"``; see :func:`norm_based_scaling`.
+    formulation: ``"reference"`` or ``"paper"``; see :data:`FORMULATIONS`.
+    projection: the basis; see :func:`subspace_projection`.
+    projection_seed: the seed of the randomized and random bases.
+    staggered_refresh: spread projector refreshes evenly over the gap.
+
+  Returns:
+    An ``optax.GradientTransformation``, the ``optax.chain`` of the pieces; its state is a
+    tuple with one entry per piece.
 
   Example:
     >>> import jax.numpy as jnp, optax, fira_jax

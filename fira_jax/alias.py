@@ -20,7 +20,10 @@ MaskOrFn = Any | Callable[[optax.Params], Any] | None
 
 
 class DecayUpdatedWeightsState(NamedTuple):
-  """State of :func:`add_decayed_weights_after_step`."""
+  """State of :func:`add_decayed_weights_after_step` with a schedule: ``count`` (int32).
+
+  The number of updates so far, at which the learning-rate schedule is evaluated.
+  """
 
   count: jax.Array  # shape=(), dtype=jnp.int32
 
@@ -42,6 +45,29 @@ def add_decayed_weights_after_step(
   ``scale_by_learning_rate``; ``learning_rate`` (η) is the un-negated rate.
   Its state is ``optax.EmptyState()`` for a constant rate and
   :class:`DecayUpdatedWeightsState` (a step count) for a schedule.
+
+  Args:
+    learning_rate: ``η``, a fixed learning rate or a schedule (positive, as given to
+      ``optax.scale_by_learning_rate``).
+    weight_decay: ``λ``, the decay rate.
+    mask: a tree of booleans like the parameters (or a callable of the parameters
+      returning one) choosing the leaves that are decayed; None: all (integer and
+      boolean leaves are never decayed).
+
+  Returns:
+    An ``optax.GradientTransformation``; its ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> tx = fira_jax.add_decayed_weights_after_step(learning_rate=0.5, weight_decay=0.5)
+    >>> w = jnp.array([2.0])
+    >>> u, _ = tx.update(jnp.array([-1.0]), tx.init(w), w)  # u: the step, already scaled
+    >>> (w + u).tolist()  # (2 - 1) * (1 - 0.5 * 0.5)
+    [0.75]
+
+  References:
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019
   """
 
   scheduled = callable(learning_rate)
@@ -159,6 +185,12 @@ def fira_adamw(
   References:
     Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
     Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
+
+    Kingma and Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, 2015
+
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019
   """
   return _adamw_chain(
     fira.scale_by_fira(
@@ -214,16 +246,51 @@ def galore_adamw(
   sign convention), same Adam, no residual. This is ``galore-torch``'s
   ``GaLoreAdamW`` with the reference's projection side; ``optax.contrib.galore``
   compresses the larger side instead (``compressed_side="larger"``) and uses
-  ``optax.scale_by_adam``.
+  ``optax.scale_by_adam``. The arguments are :func:`fira_adamw`'s, with the same
+  defaults.
 
-  Args: as :func:`fira_adamw`.
+  Args:
+    learning_rate: a fixed learning rate or a schedule.
+    rank: the subspace rank (static).
+    update_proj_gap: steps between projector refreshes (static).
+    scale: ``α``, GaLore's scale of the update.
+    b1: Adam's ``β₁``.
+    b2: Adam's ``β₂``.
+    eps: Adam's ``ε``, added outside the square root.
+    weight_decay: decoupled weight decay, applied after the update.
+    mask: the leaves that are decayed (a tree of booleans or a callable).
+    mu_dtype: optional dtype of Adam's first moment.
+    nu_dtype: optional dtype of Adam's second moment.
+    weight_dimension_numbers: which leaves are projected (default: every 2-D leaf).
+    compressed_side: which side of each matrix is compressed.
+    projection: ``"svd"``, ``"randomized_svd"`` or ``"random"``.
+    projection_seed: seed of the randomized and random bases.
+    staggered_refresh: spread projector refreshes evenly over the gap.
 
   Returns:
     An ``optax.GradientTransformation``.
 
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, fira_jax
+    >>> def loss(p): return jnp.sum((p['w'] @ jnp.ones(4) - 1.0) ** 2)
+    >>> params = {'w': jnp.full((8, 4), 0.5)}
+    >>> tx = fira_jax.galore_adamw(learning_rate=1e-2, rank=2, scale=0.25)
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss(params) < 8.0)
+    True
+    >>> state[0].residual_norm  # no residual, so no limiter state
+    {'w': MaskedNode()}
+
   References:
     Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
     Projection <https://arxiv.org/abs/2403.03507>`_, 2024
+
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019
   """
   return _adamw_chain(
     fira.scale_by_fira(

@@ -24,12 +24,27 @@ POWER_ITERATIONS = 2  # randomized SVD: subspace iterations, each Cholesky-QR-st
 
 
 def canonical_signs(projector: jax.Array) -> jax.Array:
-  """Flips each column of ``projector`` so its largest-magnitude entry is positive.
+  r"""Flips each column of ``projector`` so its largest-magnitude entry is positive.
+
+  .. math::
+    P_{:,j} ← \operatorname{sign}(P_{i_j, j})\, P_{:,j}, \quad
+    i_j = \operatorname{argmax}_i \lvert P_{i,j} \rvert
 
   Singular vectors are defined up to sign, and LAPACK builds differ (torch and
   JAX disagree on this very machine). Since Adam's moments persist across
   projector refreshes, a flipped vector changes the trajectory, so fira_jax
   fixes this convention; ties go to the first such entry.
+
+  Args:
+    projector: ``(..., compressed, rank)``, the basis vectors as columns.
+
+  Returns:
+    ``projector`` with some columns negated, in the same shape and dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> fira_jax.canonical_signs(jnp.array([[1.0, -3.0], [-2.0, 1.0]])).tolist()
+    [[-1.0, 3.0], [2.0, -1.0]]
   """
   index = jnp.argmax(jnp.abs(projector), axis=-2, keepdims=True)
   pivot = jnp.take_along_axis(projector, index, axis=-2)
@@ -37,11 +52,37 @@ def canonical_signs(projector: jax.Array) -> jax.Array:
 
 
 def svd_projector(matrices: jax.Array, rank: int, compressed: subspace.Side) -> jax.Array:
-  """Top-``rank`` singular vectors of a ``(B, reduction, output)`` batch.
+  r"""Top-``rank`` singular vectors of a ``(B, reduction, output)`` batch.
+
+  .. math::
+    X_b = U Σ V^\top, \quad P_b = U_{:, :r} \ (\text{reduction side}) \text{ or }
+    V_{:, :r} \ (\text{output side})
 
   As the reference does, the SVD runs in float32 on the raw gradient and the
-  basis is cast back to the gradient's dtype. Returns ``(B, compressed, rank)``
-  with orthonormal columns in the canonical sign convention.
+  basis is cast back to the gradient's dtype.
+
+  Args:
+    matrices: ``(B, reduction, output)``.
+    rank: ``r``, the number of vectors kept (at most the matrices' smaller dimension).
+    compressed: ``"reduction"`` or ``"output"``, the side the basis spans.
+
+  Returns:
+    ``(B, compressed, rank)`` with orthonormal columns in the canonical sign convention
+    (:func:`canonical_signs`), in the matrices' dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> x = jnp.outer(jnp.arange(1.0, 7.0), jnp.array([1.0, 0.0, 2.0, 1.0]))
+    >>> x = (x + jnp.outer(jnp.ones(6), jnp.array([0.0, 3.0, -1.0, 1.0])))[None]
+    >>> p = fira_jax.svd_projector(x, 2, "output")  # x: (1, 6, 4), of rank 2
+    >>> p.shape
+    (1, 4, 2)
+    >>> bool(jnp.allclose(x @ p @ p[0].T, x, atol=1e-4))  # P Pᵀ keeps all of x
+    True
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, 2024
   """
   rows = matrices if compressed == "reduction" else jnp.swapaxes(matrices, 1, 2)
   rows = rows.astype(jnp.float32)  # rows: the compressed side
@@ -64,14 +105,40 @@ def _left_singular_vectors(a: jax.Array, rank: int) -> jax.Array:
 
 
 def random_projector(key: jax.Array, compressed_size: int, rank: int, dtype) -> jax.Array:
-  """A Gaussian ``(compressed_size, rank)`` basis with ``E[PᵀP] = I``.
+  r"""A Gaussian ``(compressed_size, rank)`` basis with ``E[PᵀP] = I``.
 
-  Entries are i.i.d. ``N(0, 1 / compressed_size)``, so each column has unit
-  expected squared norm and distinct columns are uncorrelated: ``P Pᵀ X`` is an
-  unbiased sketch of ``X`` scaled by ``rank / compressed_size``. The basis is
-  not orthonormal; :func:`fira_jax.scale_by_fira` accounts for ``PᵀP`` where
-  it matters (the residual's norm). The same key gives the same basis, so the
-  optimizer regenerates it instead of storing it.
+  .. math::
+    P_{ij} \sim \mathcal{N}(0, 1/c) \ \text{i.i.d.}, \quad \mathbb{E}[P^\top P] = I
+
+  with ``c = compressed_size``. Each column has unit expected squared norm and distinct
+  columns are uncorrelated: ``P Pᵀ X`` is an unbiased sketch of ``X`` scaled by
+  ``rank / compressed_size``. The basis is not orthonormal; :func:`fira_jax.scale_by_fira`
+  accounts for ``PᵀP`` where it matters (the residual's norm). The same key gives the
+  same basis, so the optimizer regenerates it instead of storing it.
+
+  Args:
+    key: a PRNG key.
+    compressed_size: ``c``, the size of the compressed side.
+    rank: the number of columns.
+    dtype: the basis' dtype (drawn in float32, then cast).
+
+  Returns:
+    ``(compressed_size, rank)`` in ``dtype``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, fira_jax
+    >>> key = jax.random.key(0)
+    >>> p = fira_jax.random_projector(key, 512, 4, jnp.float32)
+    >>> p.shape
+    (512, 4)
+    >>> bool(jnp.allclose(p.T @ p, jnp.eye(4), atol=0.2))  # close to orthonormal
+    True
+    >>> bool((p == fira_jax.random_projector(key, 512, 4, jnp.float32)).all())
+    True
+
+  References:
+    Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+    <https://arxiv.org/abs/2412.05270>`_, 2024
   """
   scale = 1.0 / math.sqrt(compressed_size)
   return (scale * jax.random.normal(key, (compressed_size, rank), jnp.float32)).astype(dtype)
@@ -173,6 +240,18 @@ def randomized_svd_projector(
   Returns:
     ``(B, compressed, rank)`` with orthonormal columns (up to the rank-deficient
     case above), canonical signs, in the gradient's dtype.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, fira_jax
+    >>> x = jnp.outer(jnp.arange(1.0, 7.0), jnp.array([1.0, 0.0, 2.0, 1.0]))
+    >>> x = (x + jnp.outer(jnp.ones(6), jnp.array([0.0, 3.0, -1.0, 1.0])))[None]
+    >>> keys = jax.random.split(jax.random.key(0), 1)  # one per matrix
+    >>> p = fira_jax.randomized_svd_projector(x, 2, "output", keys)
+    >>> p.shape
+    (1, 4, 2)
+    >>> exact = fira_jax.svd_projector(x, 2, "output")
+    >>> bool(jnp.allclose(p, exact, atol=1e-4))  # x has rank 2: the same basis
+    True
 
   References:
     Halko, Martinsson and Tropp, `Finding Structure with Randomness

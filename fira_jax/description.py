@@ -13,7 +13,12 @@ from fira_jax import state_tree
 
 @dataclasses.dataclass(frozen=True)
 class LeafDescription:
-  """One parameter: how Fira reads it and the optimizer state it costs."""
+  """One parameter: how Fira reads it and the optimizer state it costs.
+
+  One row of :func:`describe`'s table: the parameter's key ``path`` and ``shape``; where it
+  is projected, its ``matrices`` (batch, reduction, output), ``compressed`` side and
+  ``rank`` (None otherwise); and ``state_bytes``, the state kept for it.
+  """
 
   path: str  # the key path, as jax.tree_util.keystr writes it
   shape: tuple[int, ...]
@@ -25,7 +30,12 @@ class LeafDescription:
 
 @dataclasses.dataclass(frozen=True)
 class Description:
-  """What :func:`describe` finds; ``str()`` gives the table."""
+  """What :func:`describe` finds; ``str()`` gives the table.
+
+  ``leaves``: one :class:`LeafDescription` per parameter, in flattening order;
+  ``state_bytes``: the whole optimizer state's size; ``adamw_state_bytes``:
+  ``optax.adamw``'s for the same parameters.
+  """
 
   leaves: tuple[LeafDescription, ...]
   state_bytes: int  # the whole state, counts and hyperparameters included

@@ -34,6 +34,14 @@ class FiraDimensionNumbers(NamedTuple):
   Axes named by neither field are batch axes: a stacked ``(layers, in, out)``
   kernel from ``nnx.scan`` with ``FiraDimensionNumbers(1, 2)`` gets one
   projector, one set of low-rank moments and one limiter value per layer.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> stacked = fira_jax.FiraDimensionNumbers(reduction_axis=1, output_axis=2)
+    >>> tx = fira_jax.fira_adamw(1e-2, rank=2, weight_dimension_numbers=stacked)
+    >>> state = tx.init({'layers': jnp.zeros((3, 8, 4))})  # 3 layers of (8, 4)
+    >>> state[0].projector['layers'].shape, state[0].residual_norm['layers'].shape
+    ((3, 4, 2), (3,))
   """
 
   reduction_axis: Sequence[int] | int = 0
@@ -53,7 +61,12 @@ def _as_axes(axes: Sequence[int] | int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class MatrixLayout:
-  """How one leaf maps to a batch of ``(reduction, output)`` matrices (static fields)."""
+  """How one leaf maps to a batch of ``(reduction, output)`` matrices (static fields).
+
+  Made by :func:`matrix_layout`: the leaf's ``shape`` and which of its axes are batch,
+  reduction and output axes; ``to_matrices`` and ``from_matrices`` convert between the
+  leaf's shape and ``(B, reduction, output)``.
+  """
 
   shape: tuple[int, ...]
   batch_axes: tuple[int, ...]
@@ -104,7 +117,29 @@ class MatrixLayout:
 def matrix_layout(
   shape: Sequence[int], spec: FiraDimensionNumbers, name: str = "parameter"
 ) -> MatrixLayout:
-  """Validates ``spec`` against ``shape`` and returns the leaf's layout."""
+  """Validates ``spec`` against ``shape`` and returns the leaf's layout.
+
+  Args:
+    shape: the leaf's shape (two or more dimensions).
+    spec: the leaf's :class:`FiraDimensionNumbers`; negative axes count from the end.
+    name: what error messages call the leaf.
+
+  Returns:
+    A :class:`MatrixLayout`; the axes that ``spec`` does not name are batch axes.
+
+  Raises:
+    ValueError: if ``shape`` has fewer than two dimensions, or ``spec`` names an axis
+      that does not exist, names one twice, or leaves a side empty.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> spec = fira_jax.FiraDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+    >>> lay = fira_jax.matrix_layout((16, 4, 8), spec)  # (embed, heads, head_dim)
+    >>> lay.batch_shape, lay.reduction, lay.output
+    ((), 16, 32)
+    >>> lay.to_matrices(jnp.zeros((16, 4, 8))).shape
+    (1, 16, 32)
+  """
   shape = tuple(shape)
   ndim = len(shape)
   if ndim < 2:
@@ -186,6 +221,13 @@ def dimension_numbers_for_paths(
   ``pattern`` (``re.search``) and that have two or more dimensions get ``spec``
   (default ``FiraDimensionNumbers()``); all others get None.
 
+  Args:
+    pattern: a regular expression, searched in each leaf's key path.
+    spec: the :class:`FiraDimensionNumbers` of the matching leaves.
+
+  Returns:
+    A callable of the parameters' tree, for ``weight_dimension_numbers``.
+
   Example:
     >>> import jax.numpy as jnp, fira_jax
     >>> params = {'attn': {'kernel': jnp.zeros((4, 4))}, 'embed': jnp.zeros((10, 4))}
@@ -212,6 +254,27 @@ def galore_dimension_numbers(weight_dimension_numbers: DimensionNumbersOrFn) -> 
 
   ``optax.contrib.galore`` has no batch axes, so only leaves given the default
   ``FiraDimensionNumbers()`` (2-D ``(in, out)`` kernels) carry over; any other spec raises.
+  Use it to run ``optax.contrib.galore`` on the same matrices as :func:`galore_adamw`.
+
+  Args:
+    weight_dimension_numbers: fira_jax's ``weight_dimension_numbers`` (None, a
+      :class:`FiraDimensionNumbers`, a prefix tree of them and None, or a callable).
+
+  Returns:
+    A callable of the parameters' tree that returns a tree of
+    ``optax.contrib.GaLoreDimensionNumbers`` and None, for ``optax.contrib.galore``'s
+    ``weight_dimension_numbers``. It raises ``ValueError`` for a selected leaf that is
+    not a 2-D matrix with the default spec.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> fn = fira_jax.galore_dimension_numbers(None)  # every 2-D leaf
+    >>> fn({'w': jnp.zeros((4, 3)), 'b': jnp.zeros(3)})
+    {'b': None, 'w': GaLoreDimensionNumbers(reduction_axis=0, output_axis=1)}
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, 2024
   """
 
   def galore_specs(tree):

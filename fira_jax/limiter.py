@@ -39,10 +39,14 @@ def norm_growth_divisor(
   growth_limit: jax.typing.ArrayLike,
   is_first_step: jax.typing.ArrayLike,
 ) -> tuple[jax.Array, jax.Array]:
-  """``λ`` and the norm to record, given ``‖x‖`` rather than ``x``.
+  r"""``λ`` and the norm to record, given ``‖x‖`` rather than ``x``.
 
-  Fira's update never forms the residual ``S`` (see :func:`fira_jax.scale_by_fira`),
-  only its norm, so the limiter is split into this factor and the division.
+  .. math::
+    λ_t = \max\left(\frac{\lVert x_t \rVert}{\lVert x_{t-1} \rVert + 10^{-8}}, γ\right) / γ
+
+  (``λ = 1`` on the first step and where nothing was recorded). Fira's update never
+  forms the residual ``S`` (see :func:`fira_jax.scale_by_fira`), only its norm, so the
+  limiter is split into this factor and the division.
 
   Args:
     norm: float32 norms ``‖x_b‖`` of a batch of matrices, shape ``(B,)``.
@@ -56,6 +60,17 @@ def norm_growth_divisor(
     ``(λ, ‖x‖ / λ)``, both ``(B,)`` float32. A non-finite norm is not recorded
     (the previous one is kept), so one bad gradient cannot poison the limiter
     for good.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> divisor, norm = fira_jax.norm_growth_divisor(
+    ...   jnp.array([3.0, 0.5]), jnp.array([1.0, 1.0]), growth_limit=1.5, is_first_step=False)
+    >>> divisor.tolist(), norm.tolist()  # 3 grew by more than 1.5: divided by 2
+    ([2.0, 1.0], [1.5, 0.5])
+
+  References:
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
   """
   ratio = norm / (previous_norm + LIMITER_EPS)
   divisor = jnp.maximum(ratio, growth_limit) / growth_limit
@@ -73,7 +88,12 @@ def limit_norm_growth(
   growth_limit: jax.typing.ArrayLike,
   is_first_step: jax.typing.ArrayLike,
 ) -> tuple[jax.Array, jax.Array]:
-  """Limits the growth of the Frobenius norm of each ``x[b]`` of a ``(B, ·, ·)`` batch.
+  r"""Limits the growth of the Frobenius norm of each ``x[b]`` of a ``(B, ·, ·)`` batch.
+
+  .. math::
+    x_{t,b} ← x_{t,b} / λ_{t,b}, \quad
+    λ_{t,b} = \max\left(\frac{\lVert x_{t,b} \rVert_F}{\lVert x_{t-1,b} \rVert_F + 10^{-8}},
+      γ\right) / γ
 
   Args:
     x: a batch of matrices.
@@ -84,6 +104,17 @@ def limit_norm_growth(
 
   Returns:
     ``(x / λ, ‖x‖ / λ)``; see :func:`norm_growth_divisor`.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> x = jnp.ones((1, 2, 2))  # ‖x‖ = 2, twice the previous norm
+    >>> y, norm = fira_jax.limit_norm_growth(x, jnp.array([1.0]), 1.5, False)
+    >>> y.tolist(), norm.tolist()  # limited to 1.5 times the previous norm
+    ([[[0.75, 0.75], [0.75, 0.75]]], [1.5])
+
+  References:
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
   """
   norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2)))
   divisor, new_norm = norm_growth_divisor(norm, previous_norm, growth_limit, is_first_step)
@@ -91,7 +122,11 @@ def limit_norm_growth(
 
 
 class ClipByNormGrowthState(NamedTuple):
-  """State of :func:`clip_by_norm_growth`."""
+  """State of :func:`clip_by_norm_growth`: ``count`` (int32) and ``previous_norm``.
+
+  ``previous_norm`` holds each leaf's norm after limiting on the previous step: float32,
+  a scalar per leaf, or ``batch_shape`` for leaves given :class:`FiraDimensionNumbers`.
+  """
 
   count: jax.Array  # shape=(), dtype=jnp.int32
   previous_norm: optax.Updates  # per leaf: float32, shape=batch_shape

@@ -29,7 +29,12 @@ def norm_based_scaling_factor(
   rank_axis: int,
   scaling: Scaling = "column",
 ) -> jax.Array:
-  """``φ = ‖ψ(R)‖ / (‖R‖ + 1e-8)`` for a batch of ``(B, ·, ·)`` low-rank matrices.
+  r"""``φ = ‖ψ(R)‖ / (‖R‖ + 1e-8)`` for a batch of ``(B, ·, ·)`` low-rank matrices.
+
+  .. math::
+    φ_j = \frac{\lVert N_{:,j} \rVert}{\lVert R_{:,j} \rVert + 10^{-8}}
+    \ (\text{column}), \qquad
+    φ = \frac{\lVert N \rVert_F}{\lVert R \rVert_F + 10^{-8}} \ (\text{matrix})
 
   Args:
     base_output: the base optimizer's output ``N = ψ(R)``.
@@ -40,8 +45,20 @@ def norm_based_scaling_factor(
       factor per matrix, Frobenius norms.
 
   Returns:
-    float32 factors broadcastable against the full ``(B, reduction, output)`` matrices:
-    the rank axis (and for ``"matrix"`` both matrix axes) kept with size 1.
+    float32 factors broadcastable against the full ``(B, reduction, output)`` matrices,
+    with the rank axis (and for ``"matrix"`` both matrix axes) kept with size 1.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> r = jnp.ones((1, 2, 3))  # rank 2 on axis 1, 3 channels
+    >>> fira_jax.norm_based_scaling_factor(2 * r, r, rank_axis=1).tolist()
+    [[[2.0, 2.0, 2.0]]]
+    >>> fira_jax.norm_based_scaling_factor(2 * r, r, rank_axis=1, scaling="matrix").shape
+    (1, 1, 1)
+
+  References:
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
   """
   return scaling_factor_and_input_norms(base_output, base_input, rank_axis, scaling)[0]
 

@@ -33,7 +33,13 @@ Side = Literal["reduction", "output"]
 
 @dataclasses.dataclass(frozen=True)
 class SubspaceLayout:
-  """A leaf's matrices and the subspace they are compressed to (static fields)."""
+  """A leaf's matrices and the subspace they are compressed to (static fields).
+
+  What :meth:`Subspace.layouts` returns for each projected leaf: its
+  :class:`MatrixLayout` (``matrix``), the ``compressed`` side (``"reduction"`` or
+  ``"output"``) and the effective ``rank``; the properties give the shapes of the
+  state that the leaf costs.
+  """
 
   matrix: layout_lib.MatrixLayout
   compressed: Side  # the side that P compresses
@@ -96,6 +102,13 @@ class Subspace:
     compressed_side: ``"smaller"`` (the reference: the smaller side, the
       input side of square matrices), ``"larger"`` (``optax.contrib.galore``),
       ``"reduction"`` or ``"output"``.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> space = fira_jax.Subspace(rank=2)
+    >>> b, w = space.layouts({'w': jnp.zeros((8, 4)), 'b': jnp.zeros(4)})  # leaf order
+    >>> b is None, w.compressed, w.projector_shape, w.low_rank_shape
+    (True, 'output', (4, 2), (8, 2))
   """
 
   rank: int = 128
@@ -149,7 +162,32 @@ def recording_layouts():
 
 
 def project(matrices: jax.Array, projector: jax.Array, compressed: Side) -> jax.Array:
-  """``R = Pᵀ X`` (compressed reduction side) or ``R = X P`` (output side), batched."""
+  r"""``R = Pᵀ X`` (compressed reduction side) or ``R = X P`` (output side), batched.
+
+  .. math::
+    R_b = P_b^\top X_b \ (\text{reduction}), \qquad R_b = X_b P_b \ (\text{output})
+
+  Args:
+    matrices: ``X``, ``(B, reduction, output)``.
+    projector: ``P``, ``(B, compressed, rank)``.
+    compressed: ``"reduction"`` or ``"output"``, the side that ``P`` compresses.
+
+  Returns:
+    ``(B, rank, output)`` or ``(B, reduction, rank)``.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> x = jnp.arange(24.0).reshape(1, 6, 4)
+    >>> p = fira_jax.svd_projector(x, 2, "output")
+    >>> fira_jax.project(x, p, "output").shape
+    (1, 6, 2)
+    >>> fira_jax.project(x, fira_jax.svd_projector(x, 2, "reduction"), "reduction").shape
+    (1, 2, 4)
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, 2024
+  """
   if compressed == "reduction":
     return platform.on_cpu_or_else(_project_reduction_cpu, _project_reduction, matrices, projector)
   return jnp.einsum("bko,bor->bkr", matrices, projector)
@@ -166,7 +204,34 @@ def _project_reduction_cpu(matrices, projector):
 
 
 def project_back(low_rank: jax.Array, projector: jax.Array, compressed: Side) -> jax.Array:
-  """``P N`` (compressed reduction side) or ``N Pᵀ`` (output side), batched."""
+  r"""``P N`` (compressed reduction side) or ``N Pᵀ`` (output side), batched.
+
+  .. math::
+    P_b N_b \ (\text{reduction}), \qquad N_b P_b^\top \ (\text{output})
+
+  The way back from :func:`project`: with orthonormal ``P``,
+  ``project_back(project(X))`` is the orthogonal projection of ``X`` onto the subspace.
+
+  Args:
+    low_rank: ``N``, ``(B, rank, output)`` or ``(B, reduction, rank)``.
+    projector: ``P``, ``(B, compressed, rank)``.
+    compressed: ``"reduction"`` or ``"output"``, the side that ``P`` compresses.
+
+  Returns:
+    ``(B, reduction, output)``.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> x = jnp.arange(24.0).reshape(1, 6, 4)  # of rank 2
+    >>> p = fira_jax.svd_projector(x, 2, "output")
+    >>> back = fira_jax.project_back(fira_jax.project(x, p, "output"), p, "output")
+    >>> back.shape, bool(jnp.allclose(back, x, atol=1e-4))
+    ((1, 6, 4), True)
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, 2024
+  """
   if compressed == "reduction":
     return jnp.einsum("bkr,bro->bko", projector, low_rank)
   return jnp.einsum("bkr,bor->bko", low_rank, projector)
