@@ -153,9 +153,10 @@ def fira_adamw(
       as the reference); ``jnp.float32`` is advisable for bfloat16 parameters.
     norm_growth_limit: ``γ`` of the norm-growth limiter, or None to disable.
     weight_dimension_numbers: which leaves are projected (default: every 2-D
-      leaf, ``(in, out)``); see :class:`FiraDimensionNumbers`. To follow the
-      paper, project only attention and MLP kernels, e.g. with a callable
-      that returns None for embeddings and the head.
+      leaf as an ``(in, out)`` kernel, except Flax's ``bias``, ``scale`` and
+      ``embedding`` leaves; leaves of three or more dimensions get a warning);
+      see :class:`Subspace`. To follow the paper, project only attention and
+      MLP kernels, e.g. with :func:`dimension_numbers_for_paths`.
     compressed_side: which side of each matrix is compressed; see
       :func:`scale_by_fira`.
     scaling: ``"column"`` or ``"matrix"`` norm-based scaling.
@@ -261,7 +262,7 @@ def galore_adamw(
     mask: the leaves that are decayed (a tree of booleans or a callable).
     mu_dtype: optional dtype of Adam's first moment.
     nu_dtype: optional dtype of Adam's second moment.
-    weight_dimension_numbers: which leaves are projected (default: every 2-D leaf).
+    weight_dimension_numbers: which leaves are projected (default: 2-D kernels).
     compressed_side: which side of each matrix is compressed.
     projection: ``"svd"``, ``"randomized_svd"`` or ``"random"``.
     projection_seed: seed of the randomized and random bases.

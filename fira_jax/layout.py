@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +50,9 @@ class FiraDimensionNumbers(NamedTuple):
 
 
 DimensionNumbersOrFn = FiraDimensionNumbers | Any | Callable[[Any], Any] | None
+
+# Flax's names of biases, norm scales and embedding tables: never projected by default.
+NOT_PROJECTED_BY_DEFAULT = ("bias", "scale", "embedding")
 
 
 def _is_spec_leaf(x: Any) -> bool:
@@ -176,7 +180,9 @@ def resolve_dimension_numbers(
 ) -> list[FiraDimensionNumbers | None]:
   """Returns one spec (or None) per leaf of ``tree``, in flattening order.
 
-  ``weight_dimension_numbers`` is None (every 2-D leaf, default spec), one
+  ``weight_dimension_numbers`` is None (every 2-D leaf as an ``(in, out)`` kernel, except
+  leaves named ``bias``, ``scale`` or ``embedding``; a float leaf of three or more
+  dimensions gets a warning naming it and what to pass), one
   spec (every leaf with two or more dimensions), a prefix tree of specs and
   None, or a callable of the tree returning one of those.
   """
@@ -186,7 +192,8 @@ def resolve_dimension_numbers(
     weight_dimension_numbers = weight_dimension_numbers(tree)
   leaves, treedef = jax.tree.flatten(tree)
   if weight_dimension_numbers is None:
-    return [FiraDimensionNumbers() if jnp.ndim(x) == 2 else None for x in leaves]
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [_default_spec(path, x) for path, x in zip(paths, leaves, strict=True)]
   if isinstance(weight_dimension_numbers, FiraDimensionNumbers):
     return [weight_dimension_numbers if jnp.ndim(x) >= 2 else None for x in leaves]
   try:
@@ -209,6 +216,35 @@ def resolve_dimension_numbers(
         f"weight_dimension_numbers leaves must be FiraDimensionNumbers or None, got {spec!r}."
       )
   return specs
+
+
+def _last_name(path) -> str | None:
+  """The innermost dict key or attribute name of a key path (an NNX Variable's ``value``
+  skipped)."""
+  for entry in reversed(path):
+    name = getattr(entry, "key", getattr(entry, "name", None))
+    if isinstance(name, str) and name not in ("value", "raw_value"):
+      return name
+  return None
+
+
+def _default_spec(path, x) -> FiraDimensionNumbers | None:
+  """The default: 2-D ``(in, out)`` kernels; biases, norm scales and embeddings are not
+  projected, and a float leaf of three or more dimensions is reported, not guessed at."""
+  if jnp.ndim(x) == 2 and _last_name(path) not in NOT_PROJECTED_BY_DEFAULT:
+    return FiraDimensionNumbers()
+  if jnp.ndim(x) >= 3 and is_trainable(x):
+    warnings.warn(
+      f"parameter {jax.tree_util.keystr(path)} with shape {jnp.shape(x)} is not projected:"
+      " the default weight_dimension_numbers projects 2-D (in, out) kernels only. To"
+      " project it, give it FiraDimensionNumbers in weight_dimension_numbers (a tree or"
+      " a callable such as dimension_numbers_for_paths), e.g. FiraDimensionNumbers(0,"
+      " (1, 2)) for a DenseGeneral (embed, heads, head_dim) kernel, FiraDimensionNumbers("
+      "(0, 1), 2) for (heads, head_dim, embed), FiraDimensionNumbers(1, 2) for stacked"
+      " (layers, in, out) layers; None there keeps plain Adam without this warning.",
+      stacklevel=2,
+    )
+  return None
 
 
 def dimension_numbers_for_paths(

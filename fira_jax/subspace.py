@@ -95,7 +95,9 @@ class Subspace:
   Args:
     rank: the subspace rank ``r``, clipped to each matrix's smaller dimension.
     weight_dimension_numbers: which leaves are projected and which axes form
-      their matrices: None (every 2-D leaf, as ``(in, out)``), one
+      their matrices: None (every 2-D leaf as an ``(in, out)`` kernel, except
+      Flax's ``bias``, ``scale`` and ``embedding`` leaves; a float leaf of three
+      or more dimensions gets a warning naming it and what to pass), one
       :class:`FiraDimensionNumbers` (every leaf with ≥ 2 dimensions), a
       prefix tree of them and None, or a callable of the updates returning
       one of those.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -83,7 +85,8 @@ def test_layouts_name_the_parameter_path_on_error():
 
 def test_resolve_accepts_none_spec_prefix_tree_and_callable():
   params = {"a": {"w": jnp.zeros((4, 5)), "b": jnp.zeros(5)}, "c": jnp.zeros((2, 3, 4))}
-  default = resolve_dimension_numbers(None, params)
+  with pytest.warns(UserWarning, match=r"\['c'\] with shape \(2, 3, 4\) is not projected"):
+    default = resolve_dimension_numbers(None, params)
   assert default == [None, FiraDimensionNumbers(), None]  # only 2-D leaves
   spec = FiraDimensionNumbers(1, 2)
   single = resolve_dimension_numbers(spec, params)
@@ -114,3 +117,40 @@ def test_galore_dimension_numbers_select_the_same_matrices_for_optax_galore():
   stacked = fira_jax.galore_dimension_numbers(FiraDimensionNumbers(1, 2))
   with pytest.raises(ValueError, match="2-D"):
     stacked({"w": jnp.zeros((2, 4, 4))})
+
+
+def test_default_projects_kernels_but_never_biases_norm_scales_or_embeddings():
+  params = {
+    "attn": {"kernel": jnp.zeros((8, 8)), "bias": jnp.zeros((2, 4))},  # (heads, head_dim) bias
+    "norm": {"scale": jnp.zeros((4, 8))},
+    "embed": {"embedding": jnp.zeros((16, 8))},
+    "w": jnp.zeros((8, 4)),
+  }
+  specs = dict(
+    zip(
+      ["attn.bias", "attn.kernel", "embed", "norm", "w"],
+      resolve_dimension_numbers(None, params),
+      strict=True,
+    )
+  )
+  assert specs == {
+    "attn.bias": None,
+    "attn.kernel": FiraDimensionNumbers(),
+    "embed": None,
+    "norm": None,
+    "w": FiraDimensionNumbers(),
+  }
+
+
+def test_default_reports_a_leaf_of_three_dimensions_instead_of_guessing_its_axes():
+  params = {"query": {"kernel": jnp.zeros((16, 2, 8))}, "w": jnp.zeros((8, 4))}
+  with pytest.warns(
+    UserWarning, match=r"\['query'\]\['kernel'\].*FiraDimensionNumbers\(0, \(1, 2\)\)"
+  ):
+    state = fira_jax.fira_adamw(1e-3, rank=2).init(params)
+  assert state[0].projector["query"]["kernel"] == optax.MaskedNode()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a choice made explicitly is not reported
+    fira_jax.fira_adamw(
+      1e-3, rank=2, weight_dimension_numbers={"query": None, "w": FiraDimensionNumbers()}
+    ).init(params)
