@@ -183,21 +183,18 @@ def subspace_projection(
     layouts = subspace.layouts(updates)
     leaves, treedef = jax.tree.flatten(updates)
     stored = treedef.flatten_up_to(state.projector)
-    projected = [(i, lay) for i, lay in enumerate(layouts) if lay is not None]
-    x = [lay.matrix.to_matrices(leaves[i]) for i, lay in projected]
-    p = refresh.refresh_projectors(
+    projected, x, p, r = refresh.project_leaves(
       state.count,
-      x,
-      [lay.matrix.to_batched(stored[i]) for i, lay in projected] if stores else None,
-      [lay for _, lay in projected],
+      leaves,
+      stored if stores else None,
+      layouts,
       gap=update_proj_gap,
       projection=projection,
       seed=projection_seed,
       staggered=staggered_refresh,
     )
-    for (i, lay), xj, pj in zip(projected, x, p, strict=True):
-      r = subspace_lib.project(xj, pj, lay.compressed)
-      leaves[i] = SubspaceUpdate(xj, pj, r, None, None, lay)
+    for (i, lay), xj, pj, rj in zip(projected, x, p, r, strict=True):
+      leaves[i] = SubspaceUpdate(xj, pj, rj, None, None, lay)
       if stores:
         stored[i] = lay.matrix.from_batched(pj)
     new_state = SubspaceProjectionState(

@@ -232,23 +232,17 @@ def scale_by_fira(
     layouts = space.layouts(updates)
     leaves, treedef = jax.tree.flatten(updates)
     stored_projectors, stored_norms = _checked_state(updates, state, layouts, base)
-    projected = [i for i, lay in enumerate(layouts) if lay is not None]
-    lays = [layouts[i] for i in projected]
-    x = [lay.matrix.to_matrices(leaves[i]) for i, lay in zip(projected, lays, strict=True)]
-    p = refresh.refresh_projectors(
+    pairs, x, p, r = refresh.project_leaves(
       state.count,
-      x,
-      [lay.matrix.to_batched(stored_projectors[i]) for i, lay in zip(projected, lays, strict=True)]
-      if stores_projector
-      else None,
-      lays,
+      leaves,
+      stored_projectors if stores_projector else None,
+      layouts,
       gap=update_proj_gap,
       projection=projection,
       seed=hp["projection_seed"],
       staggered=staggered_refresh,
     )
-    r = [subspace.project(*args, lay.compressed) for *args, lay in zip(x, p, lays, strict=True)]
-    low_rank = dict(zip(projected, r, strict=True))
+    low_rank = {i: rj for (i, _), rj in zip(pairs, r, strict=True)}
     base_outputs, base_state = base.update(
       subspace.low_rank_inputs(updates, layouts, low_rank), state.base_optimizer_state, None
     )
@@ -258,7 +252,7 @@ def scale_by_fira(
       for g, n in zip(leaves, base_outputs, strict=True)
     ]
     new_norms = list(stored_norms)
-    for j, (i, lay) in enumerate(zip(projected, lays, strict=True)):
+    for j, (i, lay) in enumerate(pairs):
       n = lay.matrix.to_batched(base_outputs[i])
       update, new_norms[i] = leaf_update(x[j], p[j], r[j], n, stored_norms[i], lay, hp, state.count)
       new_leaves[i] = lay.matrix.from_matrices(update)
@@ -270,7 +264,7 @@ def scale_by_fira(
         for u, g in zip(new_leaves, leaves, strict=True)
       ]
     if stores_projector:
-      for i, lay, pj in zip(projected, lays, p, strict=True):
+      for (i, lay), pj in zip(pairs, p, strict=True):
         stored_projectors[i] = lay.matrix.from_batched(pj)
     new_state = FiraState(
       count=count,

@@ -118,6 +118,43 @@ def refresh_due_slices(matrices: jax.Array, projectors: jax.Array, due: jax.Arra
   )
 
 
+def project_leaves(
+  count: jax.Array,
+  leaves: list[jax.Array],
+  stored: list | None,
+  layouts: list[subspace.SubspaceLayout | None],
+  *,
+  gap: int,
+  projection: bases.Projection,
+  seed: jax.typing.ArrayLike,
+  staggered: bool,
+) -> tuple[list[tuple[int, subspace.SubspaceLayout]], list, list, list]:
+  """``R = project(X, P)`` for each projected leaf of a flattened tree, ``P`` refreshed when due.
+
+  ``leaves``, ``stored`` (the stored projector leaves; None for the random basis) and
+  ``layouts`` are aligned with the tree's leaves. Returns ``(index, layout)`` of each
+  projected leaf and, for those in the same order, the ``(B, ·, ·)`` matrices ``X``, the
+  bases ``P`` and ``R``.
+  """
+  projected = [(i, lay) for i, lay in enumerate(layouts) if lay is not None]
+  x = [lay.matrix.to_matrices(leaves[i]) for i, lay in projected]
+  p = refresh_projectors(
+    count,
+    x,
+    None if stored is None else [lay.matrix.to_batched(stored[i]) for i, lay in projected],
+    [lay for _, lay in projected],
+    gap=gap,
+    projection=projection,
+    seed=seed,
+    staggered=staggered,
+  )
+  r = [
+    subspace.project(xj, pj, lay.compressed)
+    for (_, lay), xj, pj in zip(projected, x, p, strict=True)
+  ]
+  return projected, x, p, r
+
+
 def refresh_projectors(
   count: jax.Array,
   matrices: list[jax.Array],
