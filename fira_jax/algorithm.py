@@ -14,8 +14,9 @@ r"""Fira's Algorithm 1 as a chain of optax transformations, one per idea.
 :class:`SubspaceUpdate` that carries what the later pieces need (``G``, ``P``, ``R``, then
 ``N`` and ``S``); unprojected leaves travel as plain arrays and only the base optimizer
 touches them. Every piece is usable on its own: drop :func:`norm_based_scaling` and
-:func:`limit_residual_growth` for GaLore, or put any gradient-only transformation inside
-:func:`in_subspace`.
+:func:`limit_residual_growth` for GaLore, or put another transformation inside
+:func:`in_subspace` (one that needs of ``params`` only their shape, such as Adafactor's
+``optax.scale_by_factored_rms``, works too).
 
 Where the reference implementation (``fira`` 1.0.2, which produced the paper's numbers)
 differs from the paper, ``formulation="reference"`` (the default) follows the code:
@@ -208,17 +209,25 @@ def subspace_projection(
 def in_subspace(
   inner: optax.GradientTransformation, subspace: subspace_lib.Subspace
 ) -> optax.GradientTransformation:
-  r"""``N = ψ(R)``: runs the gradient-only ``inner`` on the low-rank matrices.
+  r"""``N = ψ(R)``: runs ``inner`` on the low-rank matrices.
 
   .. math::
     N_t = ψ(R_t)
 
   ``inner`` (``ψ``, e.g. ``optax.scale_by_adam()``) sees each projected leaf as its
   ``batch_shape + low_rank_shape`` matrices ``R`` (so its state is rank r), and the
-  unprojected leaves at full shape; it is not given ``params``.
+  unprojected leaves at full shape.
+
+  When ``params`` are given, ``inner`` gets them too, with each projected leaf replaced by
+  zeros of ``R``'s shape and the parameter's dtype: the parameter has no rank-r
+  counterpart, and what transformations such as ``optax.scale_by_factored_rms``
+  (Adafactor's factored second moment) read from ``params`` is their shape and dtype,
+  which must be the subspace's for their state to be rank r. Unprojected leaves get their
+  parameters as they are. Without ``params``, ``inner`` gets None.
 
   Args:
-    inner: a gradient-only ``optax.GradientTransformation``.
+    inner: an ``optax.GradientTransformation`` that reads of ``params`` at most their
+      shape and dtype.
     subspace: the :class:`Subspace` of the :func:`subspace_projection` before it.
 
   Returns:
@@ -239,6 +248,11 @@ def in_subspace(
     >>> out['w'].direction.shape
     (1, 8, 2)
 
+  .. warning::
+    A transformation that reads parameter *values* (``optax.add_decayed_weights``,
+    Adafactor's ``multiply_by_parameter_scale``) sees zeros in the subspace: apply it
+    outside :func:`in_subspace`, on the full-rank update.
+
   References:
     Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
     Projection <https://arxiv.org/abs/2403.03507>`_, 2024
@@ -248,7 +262,6 @@ def in_subspace(
     return inner.init(subspace_lib.low_rank_inputs(params, subspace.layouts(params)))
 
   def update_fn(updates, state, params=None):
-    del params
     nodes, treedef = jax.tree.flatten(updates, is_leaf=_is_subspace_update)
     inputs = [
       u.layout.matrix.from_batched(u.projected)
@@ -256,7 +269,18 @@ def in_subspace(
       else (u if layout_lib.is_trainable(u) else optax.MaskedNode())
       for u in nodes
     ]
-    outputs, state = inner.update(treedef.unflatten(inputs), state, None)
+    low_rank_params = None
+    if params is not None:
+      # Stand-ins with the subspace's shape and the parameter's dtype (see the docstring).
+      low_rank_params = treedef.unflatten(
+        [
+          jnp.zeros(r.shape, p.dtype)
+          if _is_subspace_update(u)
+          else (p if layout_lib.is_trainable(u) else optax.MaskedNode())
+          for u, r, p in zip(nodes, inputs, treedef.flatten_up_to(params), strict=True)
+        ]
+      )
+    outputs, state = inner.update(treedef.unflatten(inputs), state, low_rank_params)
     outputs = treedef.flatten_up_to(outputs)
     new_nodes = [
       dataclasses.replace(u, direction=u.layout.matrix.to_batched(n))
@@ -496,8 +520,9 @@ def fira_chain(
     rank: the subspace rank ``r`` (static), clipped to each matrix's smaller dimension.
     update_proj_gap: ``T``, steps between projector refreshes (static).
     scale: ``α`` (positive).
-    base_optimizer: ``ψ``, a gradient-only transformation run in the subspace (and on
-      unprojected leaves at full shape); default: the reference's Adam, as above.
+    base_optimizer: ``ψ``, a transformation run in the subspace (and on unprojected
+      leaves at full shape; see :func:`in_subspace` for what it sees of ``params``);
+      default: the reference's Adam, as above.
     norm_growth_limit: ``γ`` of :func:`limit_residual_growth`, or None to leave that
       piece out.
     weight_dimension_numbers: which leaves are projected and which axes form their

@@ -131,3 +131,37 @@ def test_pieces_pass_unprojected_leaves_to_the_base_optimizer_only():
   u, _ = tx.update(gradients(0), tx.init(PARAMS))
   np.testing.assert_allclose(u["bias"], -gradients(0)["bias"], rtol=1e-6)
   assert space.layouts(PARAMS)[0] is None  # "bias" flattens first: not projected
+
+
+def test_fira_with_adafactor_factored_second_moment_keeps_rank_r_factors_and_trains():
+  # optax.scale_by_factored_rms needs params (their shape): in_subspace gives it the
+  # subspace's shape, so its row/column factors are those of the rank-r matrices.
+  target = {"w": jax.random.normal(jax.random.key(0), (32, 24)), "b": jnp.ones(24)}
+  params = jax.tree.map(jnp.zeros_like, target)
+  loss = lambda p: sum(0.5 * jnp.sum((p[k] - target[k]) ** 2) for k in p)
+  tx = optax.chain(
+    fira_jax.fira_chain(
+      rank=4, scale=0.25, base_optimizer=optax.scale_by_factored_rms(min_dim_size_to_factor=2)
+    ),
+    optax.scale(-0.05),
+  )
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  losses = [float(loss(params))]
+  for _ in range(40):
+    params, state = step(params, state)
+    losses.append(float(loss(params)))
+  factored = state[0][1]  # in_subspace's state: Adafactor's FactoredState
+  # w is (32, 24): the output side (24) is compressed, R = G P is (32, 4).
+  # Adafactor keeps one factor per side of R: 32 + 4 floats, not 32 x 4 (nor 32 x 24).
+  assert sorted([factored.v_row["w"].shape, factored.v_col["w"].shape]) == [(4,), (32,)]
+  assert factored.v["w"].size == 1  # no full (or rank-r) second moment kept
+  assert factored.v["b"].shape == (24,)  # vectors are not factored
+  assert int(factored.count) == 40
+  assert all(np.isfinite(losses))
+  assert losses[-1] < 0.2 * losses[0], losses[::8]
