@@ -12,7 +12,21 @@ from model import LlamaConfig
 
 import fira_jax
 
-OPTIMIZERS = ("fira", "galore", "galore-optax", "adamw", "lora")
+OPTIMIZERS = (
+  "fira",
+  "fira-adafactor",
+  "galore",
+  "galore-optax",
+  "adamw",
+  "adafactor",
+  "muon",
+  "lora",
+)
+
+# Adafactor's factored second moment inside Fira's subspace factors every matrix with two
+# sides of at least this size: the rank-r matrices R are (m, r) with r as small as 8, which
+# optax's default (128, meant for full-size weights) would leave unfactored.
+SUBSPACE_MIN_DIM_TO_FACTOR = 2
 
 
 def learning_rate_schedule(peak: float, steps: int, warmup_fraction: float, min_ratio: float):
@@ -29,6 +43,13 @@ def learning_rate_schedule(peak: float, steps: int, warmup_fraction: float, min_
 
 def _is_matrix(path: str) -> bool:
   return re.search(MATRIX_PATTERN, path) is not None
+
+
+def not_matrices(tree):
+  """True at the leaves that are not attention/MLP matrices: embeddings, head and norms."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: not _is_matrix(jax.tree_util.keystr(path)), tree
+  )
 
 
 def trainable_filter(optimizer: str):
@@ -48,8 +69,34 @@ def low_rank_layout(config, model_config: LlamaConfig):
   return rank, fira_jax.dimension_numbers_for_paths(MATRIX_PATTERN, stacked)
 
 
+def subspace_base_optimizer(config) -> optax.GradientTransformation:
+  """What Fira/GaLore run in the subspace (and on embeddings, head and norms) before the
+  learning rate: the reference's Adam (moments without bias correction; the step size is
+  applied to the whole update), or for ``fira-adafactor`` Adafactor's factored second
+  moment alone (no momentum, no update clipping, no parameter scaling)."""
+  if config.optimizer == "fira-adafactor":
+    return optax.scale_by_factored_rms(min_dim_size_to_factor=SUBSPACE_MIN_DIM_TO_FACTOR)
+  return fira_jax.scale_by_uncorrected_adam(config.b1, config.b2, config.eps)
+
+
 def build_optimizer(config, model_config: LlamaConfig) -> optax.GradientTransformation:
-  """The optax transformation named by ``config.optimizer`` with the config's settings."""
+  """The optax transformation named by ``config.optimizer`` with the config's settings.
+
+  With ``config.embed_lr``, embeddings, head and norms (every leaf that is not an
+  attention/MLP matrix) take that peak learning rate and the matrices ``config.lr``: the
+  optimizer is built with ``config.lr`` and those leaves' updates are multiplied by
+  ``embed_lr / lr``. The schedule is linear in its peak (warm-up from 0, cosine to
+  ``min_lr_ratio`` of the peak), so this is the same as giving them their own schedule
+  (exactly, without weight decay; with it, their decay is scaled by the same factor, as
+  an lr-coupled decay would be). Muon takes it as its own ``adam_learning_rate``.
+  """
+  tx = _build(config, model_config)
+  if config.embed_lr is None or config.optimizer == "muon":
+    return tx
+  return optax.chain(tx, optax.masked(optax.scale(config.embed_lr / config.lr), not_matrices))
+
+
+def _build(config, model_config: LlamaConfig) -> optax.GradientTransformation:
   name = config.optimizer
   if name not in OPTIMIZERS:
     raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}.")
@@ -99,19 +146,65 @@ def build_optimizer(config, model_config: LlamaConfig) -> optax.GradientTransfor
       weight_dimension_numbers=fira_jax.galore_dimension_numbers(matrices),
       base_optimizer=optax.scale_by_adam(config.b1, config.b2, config.eps),
     )
-  if name == "adamw" and config.embed_lr:
-    # Full-rank Adam with its own learning rate for embeddings, head and norms.
-    embed_schedule = learning_rate_schedule(
-      config.embed_lr, config.steps, config.warmup, config.min_lr_ratio
+  if name == "fira-adafactor":
+    # Fira's pieces (fira_jax.fira_chain) with Adafactor's factored second moment as the
+    # base optimizer: state = projector + one row and one column factor per matrix.
+    weight_decay = (
+      [fira_jax.add_decayed_weights_after_step(schedule, config.weight_decay)]
+      if config.weight_decay
+      else []
+    )
+    return optax.chain(
+      fira_jax.fira_chain(
+        rank,
+        config.update_proj_gap,
+        config.scale,
+        subspace_base_optimizer(config),
+        norm_growth_limit=config.norm_growth_limit,
+        weight_dimension_numbers=matrices,
+        compressed_side=config.compressed_side,
+        scaling=config.scaling,
+        formulation=config.formulation,
+        projection=config.projection,
+        projection_seed=config.projection_seed,
+        staggered_refresh=config.staggered_refresh,
+      ),
+      optax.scale_by_learning_rate(schedule),
+      *weight_decay,
+    )
+  if name == "adafactor":
+    # optax.adafactor as users call it: its defaults (factored second moment for matrices
+    # with two sides >= 128, update clipping at RMS 1, steps relative to each parameter's
+    # RMS, no momentum), with this config's schedule.
+    return optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None)
+  if name == "muon":
+    # Muon on the attention/MLP matrices, AdamW on embeddings, head and norms.
+    embed_schedule = (
+      None
+      if config.embed_lr is None
+      else learning_rate_schedule(config.embed_lr, config.steps, config.warmup, config.min_lr_ratio)
     )
 
-    def labels(tree):
-      return jax.tree_util.tree_map_with_path(
-        lambda path, _: "matrix" if _is_matrix(jax.tree_util.keystr(path)) else "other", tree
+    def muon_dims(tree):
+      to_muon = lambda spec: (
+        None
+        if spec is None
+        else optax.contrib.MuonDimensionNumbers(spec.reduction_axis, spec.output_axis)
+      )
+      return jax.tree.map(
+        to_muon,
+        matrices(tree),
+        is_leaf=lambda x: x is None or isinstance(x, fira_jax.FiraDimensionNumbers),
       )
 
-    return optax.partition(
-      {"matrix": optax.adamw(schedule, **adam), "other": optax.adamw(embed_schedule, **adam)},
-      labels,
+    return optax.contrib.muon(
+      schedule,
+      weight_decay=config.weight_decay,
+      mu_dtype=config.mu_dtype,
+      adam_b1=config.b1,
+      adam_b2=config.b2,
+      adam_weight_decay=config.weight_decay,
+      adam_learning_rate=embed_schedule,
+      muon_weight_dimension_numbers=muon_dims,
     )
   return optax.adamw(schedule, **adam)  # adamw, and lora on its trainable parameters

@@ -39,9 +39,10 @@ class Config:
   model: str = "tiny"  # one of model.CONFIGS
   scan_layers: bool = False  # stack the blocks (nnx.scan): (L, in, out) kernels
   # optimizer
-  optimizer: str = "fira"  # fira | galore | galore-optax | adamw | lora
+  optimizer: str = "fira"  # fira | fira-adafactor | galore | galore-optax | adamw | adafactor
+  #   | muon | lora
   lr: float = 0.01  # peak learning rate (the paper's 0.01)
-  embed_lr: float | None = None  # adamw only: own lr for embeddings, head and norms
+  embed_lr: float | None = None  # own peak lr for embeddings, head and norms (default: --lr)
   warmup: float = 0.1  # fraction of steps with linear warm-up
   min_lr_ratio: float = 0.1  # cosine decay ends at this fraction of the peak
   b1: float = 0.9
@@ -143,8 +144,8 @@ def check_config(config: Config) -> list[str]:
     problems.append(f"--min-lr-ratio must be in [0, 1], got {config.min_lr_ratio}")
   if config.norm_growth_limit is not None and config.norm_growth_limit < 1:
     problems.append(f"--norm-growth-limit must be >= 1 (or none), got {config.norm_growth_limit}")
-  if config.embed_lr is not None and config.optimizer != "adamw":
-    problems.append("--embed-lr is for --optimizer adamw only")
+  if config.embed_lr is not None and config.embed_lr <= 0:
+    problems.append(f"--embed-lr must be positive, got {config.embed_lr}")
   if config.mesh is not None:
     try:
       shape = mesh_lib.parse_mesh(config.mesh)
