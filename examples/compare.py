@@ -1,23 +1,40 @@
-"""Fira against GaLore, LoRA and full-rank Adam, done fairly: the paper's Table 3 in miniature.
+"""Which optimizer at which memory: a seeded quality-versus-memory study, tuned the same for all.
 
     pip install -e ".[examples]" && python examples/compare.py
 
-Every optimizer trains the same model on the same data with the same seeds and token budget.
-The protocol:
+Every optimizer trains the same model on the same batches, seeds, token budget and schedule
+(cosine with 10% warm-up to 10% of the peak). The protocol:
 
-1. a learning-rate sweep (3 values) for each optimizer, seed 0; the grids cover the paper's
-   single setting (lr 0.01 for everything), which is reported too;
-2. full-rank AdamW also with its own learning rate for embeddings, head and norms (swept,
-   with the matrices at AdamW's best lr);
-3. GaLore twice: ``fira_jax.galore_adamw`` (the reference's projection side) and
-   ``optax.contrib.galore`` (the larger side compressed);
-4. each optimizer at its best lr on more seeds, reported as mean and spread;
-5. a rank sweep (hidden/16, hidden/8, hidden/4) for Fira and GaLore at their best lr
-   (seed 0; ``--rank-sweep-seeds`` for more).
+1. Tuning, seed 0, the same for every optimizer: two peak learning rates, one for the
+   attention/MLP matrices and one for embeddings, head and norms (``--embed-lr``). Both move
+   on the ladder 1e-5, 3e-5, …, 0.3, 1. The matrix lr starts on a 3-point grid per optimizer
+   (``KINDS``) with the embeddings' lr at 0.01; then, until the best point has an evaluated
+   neighbour on both sides in both lrs, the missing neighbours are run (an optimum at a grid
+   edge extends the grid), at most ``--max-sweep-runs`` runs per optimizer. A run whose loss
+   becomes NaN counts as diverged (worse than any finite loss).
+2. Each optimizer's best setting rerun on ``--seeds`` seeds: mean ± standard deviation.
+3. Rank sweep (hidden/16, hidden/8; hidden/4 is step 2) for ``--rank-sweep-kinds`` at their
+   best setting on ``--rank-sweep-seeds`` seeds. Runs of Fira and GaLore in steps 2-4 end
+   with a diagnostic: at the final weights, Fira's pieces (``fira_jax.subspace_projection``,
+   ``in_subspace``, ``norm_based_scaling``, ``limit_residual_growth``, ``back_projection``)
+   run on ``DIAGNOSTIC_BATCHES`` further training batches (the weights held, the state warmed
+   on the first half) and measure, over the attention/MLP matrices, the share of the update's
+   norm that comes from the scaled residual, ‖S‖/‖u‖, and the share of the gradient's norm
+   inside the subspace, ‖PᵀG‖/‖G‖.
+4. With ``--confirm-model``: each optimizer's best setting from step 1, unchanged, on the
+   larger model (``--confirm-steps`` × ``--confirm-batch-size`` sequences) and
+   ``--confirm-seeds`` seeds.
 
-Runs are recorded one per line in ``results.jsonl`` as they finish; an interrupted comparison
-continues where it stopped (``--max-runs`` runs a few at a time). Writes ``compare.md`` (the
-tables) and ``curves.png`` (validation curves) to ``--out``.
+The whole study, resumable, in parts of at most 20 runs (each call continues where the last
+stopped; ``--max-runs`` only sets the size of a part):
+
+    python examples/compare.py --max-runs 20   # repeat until it prints the tables
+    python examples/compare.py --confirm-model MODEL --max-runs 4   # then the larger scale
+
+Runs are recorded one per line in ``--out``/``results.jsonl`` as they finish. Writes
+``compare.md`` (the tables), ``memory.png`` (validation loss against optimizer-state MiB,
+error bars over seeds, the Pareto front), ``curves.png`` (training and validation loss),
+``step_time.png`` and, for the larger model, ``memory_MODEL.png`` and ``curves_MODEL.png``.
 """
 
 from __future__ import annotations
@@ -33,51 +50,86 @@ import dataclasses
 import json
 import math
 import pathlib
+import shutil
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import optim
 import train
 
-# Learning-rate grids. Fira's residual is not multiplied by alpha in the reference, so at
-# alpha = 0.25 it wants a lower lr than GaLore (about 3x in a calibration run).
-LR_GRIDS = {
-  "fira": (0.001, 0.003, 0.01),
-  "galore": (0.003, 0.01, 0.03),
-  "galore-optax": (0.003, 0.01, 0.03),
-  "adamw": (0.001, 0.003, 0.01),
-  "lora": (0.003, 0.01, 0.03),
+import fira_jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  label: str
+  optimizer: str  # train.Config.optimizer
+  lrs: tuple[float, ...]  # the matrix-lr grid the search starts from
+  options: tuple[tuple[str, object], ...] = ()  # other train.Config fields
+
+
+# Starting grids, centred where the previous comparison (examples/README.md) found each
+# optimizer's best single lr, and for the new ones where their update's size suggests
+# (Adafactor's steps are relative to each weight's RMS, ~0.02 here; Muon's orthogonalized
+# update has entries of about 1/sqrt(width)). The search moves off them when it must.
+KINDS = {
+  "adamw": Kind("AdamW, full rank", "adamw", (3e-4, 1e-3, 3e-3)),
+  "fira": Kind("Fira (fira_adamw, SVD basis)", "fira", (3e-3, 1e-2, 3e-2)),
+  "fira-random": Kind(
+    "Fira, random basis (fira_adamw, projection='random')",
+    "fira",
+    (3e-3, 1e-2, 3e-2),
+    (("projection", "random"),),
+  ),
+  "fira-adafactor": Kind(
+    "Fira, Adafactor's factored 2nd moment as base (fira_chain)",
+    "fira-adafactor",
+    (3e-3, 1e-2, 3e-2),
+  ),
+  "galore": Kind("GaLore (fira_jax.galore_adamw)", "galore", (3e-3, 1e-2, 3e-2)),
+  "galore-optax": Kind("GaLore (optax.contrib.galore)", "galore-optax", (1e-2, 3e-2, 1e-1)),
+  "adafactor": Kind("Adafactor (optax.adafactor)", "adafactor", (1e-2, 3e-2, 1e-1)),
+  "muon": Kind("Muon (optax.contrib.muon; AdamW off the matrices)", "muon", (1e-2, 3e-2, 1e-1)),
+  "lora": Kind("LoRA (nnx.LoRA adapters)", "lora", (1e-3, 3e-3, 1e-2)),
 }
-EMBED_LR_GRID = (0.003, 0.01, 0.03)
-PAPER_LR = 0.01
-LABELS = {
-  "fira": "Fira (fira_adamw)",
-  "galore": "GaLore (fira_jax.galore_adamw)",
-  "galore-optax": "GaLore (optax.contrib.galore)",
-  "adamw": "AdamW, full rank",
-  "adamw-grouped": "AdamW, full rank, own lr for embeddings/head/norms",
-  "lora": "LoRA (nnx.LoRA adapters)",
-}
+LADDER = tuple(float(f"{m}e{e}") for e in range(-5, 1) for m in (1, 3))[:-1]  # 1e-5, …, 0.3, 1
+START_EMBED_LR = 0.01  # the embeddings/head/norms lr every search starts from
+PAPER_LR = 0.01  # the paper's single setting (matrices and the rest)
+DIAGNOSED = ("fira", "fira-random", "fira-adafactor", "galore")  # kinds with the diagnostic
+DIAGNOSTIC_BATCHES = 20  # the first half warms the state, the second half is measured
+COLORS = {kind: f"C{i}" for i, kind in enumerate(KINDS)}  # the same in every figure
+
+
+def rung(lr: float) -> int:
+  """``lr``'s index on ``LADDER``."""
+  return min(range(len(LADDER)), key=lambda i: abs(math.log(LADDER[i] / lr)))
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  kind: str  # a LABELS key
-  lr: float
+  kind: str  # a KINDS key
+  lr: float  # the matrices' peak lr
+  embed_lr: float  # embeddings/head/norms' peak lr
   seed: int = 0
   rank: int = 0  # 0: hidden / 4
-  embed_lr: float | None = None
+  model: str | None = None  # None: --model (the sweep); else --confirm-model
+  diagnose: bool = dataclasses.field(default=False, compare=False)
 
   @property
   def name(self) -> str:
-    parts = [self.kind, f"lr{self.lr:g}", f"seed{self.seed}"]
+    parts = [self.kind, f"lr{self.lr:g}", f"elr{self.embed_lr:g}", f"seed{self.seed}"]
     if self.rank:
       parts.append(f"rank{self.rank}")
-    if self.embed_lr is not None:
-      parts.append(f"elr{self.embed_lr:g}")
+    if self.model:
+      parts.append(f"at-{self.model}")
     return "_".join(parts)
 
 
@@ -87,14 +139,16 @@ def load_results(path: pathlib.Path) -> dict[str, dict]:
   return {r["name"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
 
 
-def best_lr(results: dict, kind: str, runs: list[Run]) -> Run | None:
-  done = [r for r in runs if r.name in results and results[r.name]["final_eval_loss"] is not None]
-  finite = [r for r in done if math.isfinite(results[r.name]["final_eval_loss"])]
-  return min(finite, key=lambda r: results[r.name]["final_eval_loss"]) if finite else None
+def loss_of(result: dict | None) -> float:
+  """The final validation loss; inf for a diverged run (and nan when not run)."""
+  if result is None:
+    return math.nan
+  loss = result.get("final_eval_loss")
+  return math.inf if loss is None or not math.isfinite(loss) else loss
 
 
 class Plan:
-  """The runs of the protocol; later phases depend on the best lr of earlier ones."""
+  """The runs of the protocol; later phases depend on the results of earlier ones."""
 
   def __init__(self, args):
     self.args = args
@@ -102,66 +156,210 @@ class Plan:
     self.ranks = [hidden // 16, hidden // 8]  # hidden // 4 is the default rank
     self.seeds = list(range(args.seeds))
 
-  def sweep(self, kind: str) -> list[Run]:
-    grid = LR_GRIDS[kind]
-    return [Run(kind, lr) for lr in (grid[1:2] if self.args.smoke else grid)]
+  def tried(self, kind: str, results: dict) -> dict[tuple[int, int], float]:
+    """Seed-0 points of ``kind``'s search so far: (matrix rung, embed rung) -> loss."""
+    return {
+      (rung(r["lr"]), rung(r["embed_lr"])): loss_of(r)
+      for r in results.values()
+      if r["kind"] == kind and r["seed"] == 0 and not r["rank"] and not r.get("model")
+    }
+
+  def best(self, kind: str, results: dict) -> Run | None:
+    """``kind``'s best seed-0 setting so far (None before any finite result)."""
+    tried = {p: loss for p, loss in self.tried(kind, results).items() if math.isfinite(loss)}
+    if not tried:
+      return None
+    i, j = min(tried, key=tried.get)
+    return Run(kind, LADDER[i], LADDER[j])
+
+  def next_sweep_runs(self, kind: str, results: dict) -> list[Run]:
+    """The next runs of ``kind``'s search, [] once it is done."""
+    grid = KINDS[kind].lrs[1:2] if self.args.smoke else KINDS[kind].lrs
+    j0 = rung(START_EMBED_LR)
+    tried = self.tried(kind, results)
+    wanted = [(rung(lr), j0) for lr in grid]
+    if all(p in tried for p in wanted) and not self.args.smoke:
+      finite = {p: loss for p, loss in tried.items() if math.isfinite(loss)}
+      if finite:
+        i, j = min(finite, key=finite.get)
+        wanted = [(i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)]
+      else:  # everything diverged so far: lower the matrix lr
+        wanted = [(min(i for i, _ in tried) - 1, j0)]
+    missing = [
+      (i, j)
+      for i, j in wanted
+      if (i, j) not in tried and 0 <= i < len(LADDER) and 0 <= j < len(LADDER)
+    ]
+    missing = missing[: max(0, self.args.max_sweep_runs - len(tried))]
+    return [Run(kind, LADDER[i], LADDER[j]) for i, j in missing]
+
+  def sweep_done(self, kind: str, results: dict) -> bool:
+    return not self.next_sweep_runs(kind, results)
 
   def phases(self, results: dict):
-    kinds = list(LR_GRIDS)
-    yield [run for kind in kinds for run in self.sweep(kind)]
-    best = {kind: best_lr(results, kind, self.sweep(kind)) for kind in kinds}
-    later = []
-    if best["adamw"] is not None:
-      grid = EMBED_LR_GRID[1:2] if self.args.smoke else EMBED_LR_GRID
-      grouped = [Run("adamw-grouped", best["adamw"].lr, embed_lr=e) for e in grid]
-      later += grouped
-    yield later
-    best["adamw-grouped"] = best_lr(results, "adamw-grouped", later)
-    final = []
-    for run in best.values():
-      if run is not None:
-        final += [dataclasses.replace(run, seed=s) for s in self.seeds[1:]]
-    for kind in ("fira", "galore"):
-      if best[kind] is not None:
-        final += [
-          dataclasses.replace(best[kind], rank=r, seed=s)
-          for r in self.ranks
-          for s in self.seeds[: self.args.rank_sweep_seeds]
-        ]
-    yield final
+    """Yields (phase name, runs); reads ``results`` again before each yield."""
+    kinds = self.args.kinds
+    while True:
+      runs = [run for kind in kinds for run in self.next_sweep_runs(kind, results)]
+      if not runs:
+        break
+      yield "sweep", runs
+    best = {kind: self.best(kind, results) for kind in kinds}
+    best = {kind: run for kind, run in best.items() if run is not None}
+    yield (
+      "seeds",
+      [
+        dataclasses.replace(run, seed=s, diagnose=run.kind in DIAGNOSED)
+        for run in best.values()
+        for s in self.seeds[1:]
+      ],
+    )
+    yield (
+      "ranks",
+      [
+        dataclasses.replace(best[kind], rank=r, seed=s, diagnose=kind in DIAGNOSED)
+        for kind in self.args.rank_sweep_kinds
+        if kind in best
+        for r in self.ranks
+        for s in range(self.args.rank_sweep_seeds)
+      ],
+    )
+    if self.args.confirm_model:
+      yield (
+        "confirm",
+        [
+          dataclasses.replace(
+            run, model=self.args.confirm_model, seed=s, diagnose=run.kind in DIAGNOSED
+          )
+          for run in best.values()
+          for s in range(self.args.confirm_seeds)
+        ],
+      )
+
+
+def run_shape(args, run: Run) -> tuple[str, int, int, int]:
+  """(model, steps, batch size, eval every) of the run's scale."""
+  if run.model is None:
+    return args.model, args.steps, args.batch_size, args.eval_every
+  every = max(1, args.confirm_steps * args.eval_every // args.steps)
+  return run.model, args.confirm_steps, args.confirm_batch_size, every
 
 
 def train_config(args, run: Run) -> train.Config:
-  optimizer = "adamw" if run.kind == "adamw-grouped" else run.kind
+  model, steps, batch_size, eval_every = run_shape(args, run)
+  kind = KINDS[run.kind]
   return train.Config(
-    model=args.model,
-    optimizer=optimizer,
+    model=model,
+    optimizer=kind.optimizer,
     lr=run.lr,
     embed_lr=run.embed_lr,
     rank=run.rank or None,  # None: hidden / 4
     seed=run.seed,
-    steps=args.steps,
-    batch_size=args.batch_size,
+    steps=steps,
+    batch_size=batch_size,
     seq_len=args.seq_len,
-    eval_every=args.eval_every,
+    eval_every=eval_every,
     eval_batches=args.eval_batches,
-    checkpoints=False,
+    checkpoints=run.diagnose,  # the diagnostic reads the final weights
+    checkpoint_every=steps,
     update_proj_gap=args.update_proj_gap,
-    log_every=10,
+    log_every=max(1, min(10, steps // 3)),  # at least 3 records: the step time skips the first
     progress=False,
     plot=False,
     data=args.data,
+    **dict(kind.options),
   )
+
+
+def subspace_diagnostics(config: train.Config, workdir: pathlib.Path) -> dict:
+  """How much of Fira's update comes from the residual, at a finished run's final weights.
+
+  Runs the pieces of Fira's Algorithm 1 (GaLore: without the residual) with the run's
+  settings on ``DIAGNOSTIC_BATCHES`` training batches after the run's last, at fixed
+  weights: the basis is computed on the first batch, the first half warms the base
+  optimizer's state and the limiter, the second half is measured. Norms are summed over all
+  projected matrices. Returns the means over the measured batches of ‖S‖/‖u‖ (the scaled,
+  limited residual's share of the update, before the learning rate; 0 for GaLore),
+  ‖α P N‖/‖u‖ (the subspace term's) and ‖PᵀG‖/‖G‖ (the gradient's share in the subspace,
+  for the orthonormal SVD basis; not a share for a random basis).
+  """
+  corpus, model, model_config = train.build_run(
+    dataclasses.replace(config, init_from=str(workdir)), workdir
+  )
+  rank, matrices = optim.low_rank_layout(config, model_config)
+  space = fira_jax.Subspace(
+    rank=rank, weight_dimension_numbers=matrices, compressed_side=config.compressed_side
+  )
+  pieces = [
+    fira_jax.subspace_projection(
+      space,
+      config.update_proj_gap,
+      config.projection,
+      config.projection_seed,
+      config.staggered_refresh,
+    ),
+    fira_jax.in_subspace(optim.subspace_base_optimizer(config), space),
+  ]
+  if config.optimizer != "galore":
+    pieces.append(fira_jax.norm_based_scaling(config.scale, config.scaling, config.formulation))
+    if config.norm_growth_limit is not None:
+      pieces.append(fira_jax.limit_residual_growth(space, config.norm_growth_limit))
+  tx = optax.chain(*pieces)
+  back = fira_jax.back_projection(config.scale, config.formulation)
+  is_update = lambda x: isinstance(x, fira_jax.SubspaceUpdate)
+  sq = lambda xs: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in xs)
+
+  @jax.jit
+  def measure(grads, state, params):
+    out, state = tx.update(grads, state, params)
+    nodes = [u for u in jax.tree.leaves(out, is_leaf=is_update) if is_update(u)]
+    without_residual = jax.tree.map(
+      lambda u: dataclasses.replace(u, residual=None) if is_update(u) else u, out, is_leaf=is_update
+    )
+    projected = [is_update(u) for u in jax.tree.leaves(out, is_leaf=is_update)]
+    pick = lambda tree: [x for x, p in zip(jax.tree.leaves(tree), projected, strict=True) if p]
+    full = pick(back.update(out, optax.EmptyState())[0])
+    sub = pick(back.update(without_residual, optax.EmptyState())[0])
+    u2 = sq(full)
+    stats = {
+      "residual_share": jnp.sqrt(sq([f - s for f, s in zip(full, sub, strict=True)]) / u2),
+      "subspace_share": jnp.sqrt(sq(sub) / u2),
+      "gradient_in_subspace": jnp.sqrt(
+        sq([u.projected for u in nodes]) / sq([u.gradient for u in nodes])
+      ),
+    }
+    return stats, state
+
+  grad_fn = nnx.jit(lambda m, b: nnx.grad(train.model_lib.next_token_loss)(m, b))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  state = tx.init(params)
+  batches = corpus.batches(config.steps, config.seed, config.batch_size, config.seq_len)
+  measured = []
+  for i in range(DIAGNOSTIC_BATCHES):
+    grads = nnx.to_pure_dict(grad_fn(model, jnp.asarray(next(batches))))
+    stats, state = measure(grads, state, params)
+    if i >= DIAGNOSTIC_BATCHES // 2:
+      measured.append({k: float(v) for k, v in stats.items()})
+  result = {k: float(np.mean([m[k] for m in measured])) for k in measured[0]}
+  result["batches"] = len(measured)
+  return result
 
 
 def execute(args, run: Run, results_path: pathlib.Path) -> dict:
   workdir = args.out / "runs" / run.name
   if workdir.exists():
-    import shutil
-
     shutil.rmtree(workdir)  # a run that did not finish last time starts again
+  config = train_config(args, run)
   start = time.perf_counter()
-  summary = train.train_and_evaluate(train_config(args, run), workdir)
+  try:
+    summary = train.train_and_evaluate(config, workdir)
+    diverged = summary["final_eval_loss"] is None or not math.isfinite(summary["final_eval_loss"])
+  except FloatingPointError as e:  # the loss became NaN/inf: a diverged setting, not a crash
+    print(f"    diverged: {e}", flush=True)
+    summary = dict(optimizer=config.optimizer, lr=run.lr, seed=run.seed, final_eval_loss=None)
+    summary["final_eval_ppl"] = None
+    diverged = True
+  wall_s = time.perf_counter() - start
   records = train.read_metrics(workdir / "metrics.jsonl")
   result = dict(
     summary,
@@ -169,135 +367,436 @@ def execute(args, run: Run, results_path: pathlib.Path) -> dict:
     kind=run.kind,
     rank=run.rank,
     embed_lr=run.embed_lr,
-    wall_s=time.perf_counter() - start,
+    model=run.model,
+    diverged=diverged,
+    wall_s=wall_s,
     curve=[(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
+    train_curve=[(r["step"], r["loss_avg"]) for r in records if "loss_avg" in r],
   )
+  if run.diagnose and not diverged:
+    result["subspace"] = subspace_diagnostics(config, workdir)
+    result["diagnostic_s"] = time.perf_counter() - start - wall_s
+  shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
   with results_path.open("a") as f:
     f.write(json.dumps(result) + "\n")
   return result
 
 
-def fmt_ppl(losses: list[float]) -> str:
-  ppl = [math.exp(x) for x in losses]
-  if len(ppl) == 1:
-    return f"{ppl[0]:.2f}"
-  return f"{np.mean(ppl):.2f} ± {np.std(ppl):.2f} (n={len(ppl)})"
+# ---------------------------------------------------------------------------------------
+# The report
 
 
-def report(args, results: dict, plan: Plan) -> str:
-  """Markdown tables from the recorded results."""
-  lines = [
-    f"Model `{args.model}`, {args.steps} steps × {args.batch_size} × {args.seq_len} tokens"
-    f" ({args.steps * args.batch_size * args.seq_len / 1e6:.2f}M tokens), cosine schedule"
-    f" with 10% warm-up, α = 0.25, gap {args.update_proj_gap}, rank hidden/4 unless noted."
-    " Perplexity is per byte-level token on held-out stdlib files.",
-    "",
-    "### Learning-rate sweep (seed 0): validation perplexity",
-    "",
-    "| optimizer | "
-    + " | ".join(f"lr {lr:g}" for lr in sorted({lr for g in LR_GRIDS.values() for lr in g}))
-    + " |",
-    "|---|" + "---|" * len({lr for g in LR_GRIDS.values() for lr in g}),
+def group(results: dict, kind: str, lr: float, embed_lr: float, rank=0, model=None) -> list[dict]:
+  """The runs (all seeds) of one setting."""
+  return [
+    r
+    for r in results.values()
+    if r["kind"] == kind
+    and r["lr"] == lr
+    and r["embed_lr"] == embed_lr
+    and r["rank"] == rank
+    and r.get("model") == model
   ]
-  all_lrs = sorted({lr for g in LR_GRIDS.values() for lr in g})
-  for kind in LR_GRIDS:
+
+
+def mean_std(losses: list[float]) -> str:
+  if not losses:
+    return ""
+  if any(not math.isfinite(x) for x in losses):
+    return f"diverged ({sum(not math.isfinite(x) for x in losses)} of {len(losses)})"
+  if len(losses) == 1:
+    return f"{losses[0]:.3f} (n=1)"
+  return f"{np.mean(losses):.3f} ± {np.std(losses, ddof=1):.3f} (n={len(losses)})"
+
+
+def state_mib(runs: list[dict]) -> float:
+  sizes = [r["optimizer_state_bytes"] for r in runs if r.get("optimizer_state_bytes")]
+  return sizes[0] / 2**20 if sizes else math.nan
+
+
+def step_ms(args, runs: list[dict]) -> float:
+  """Median milliseconds per training step over ``runs`` (the same scale)."""
+  times = []
+  for r in runs:
+    if r.get("tokens_per_s"):
+      _, _, batch_size, _ = run_shape(args, Run(r["kind"], 0, 0, model=r.get("model")))
+      times.append(batch_size * args.seq_len / r["tokens_per_s"] * 1e3)
+  return float(np.median(times)) if times else math.nan
+
+
+def points(args, results: dict, plan: Plan, model=None) -> list[dict]:
+  """One point per optimizer (and rank) at its best setting: loss over seeds, memory."""
+  out = []
+  for kind in args.kinds:
+    best = plan.best(kind, results)
+    if best is None:
+      continue
+    ranks = [0] + (plan.ranks if kind in args.rank_sweep_kinds and model is None else [])
+    for rank in ranks:
+      runs = group(results, kind, best.lr, best.embed_lr, rank, model)
+      losses = [loss_of(r) for r in runs]
+      if not runs:
+        continue
+      hidden = train.model_lib.make_config(model or args.model).hidden
+      out.append(
+        dict(
+          kind=kind,
+          rank=rank or hidden // 4,
+          default_rank=not rank,
+          runs=runs,
+          losses=losses,
+          mib=state_mib(runs),
+        )
+      )
+  return out
+
+
+def pareto(pts: list[dict]) -> list[dict]:
+  """The points no other point beats on both memory and mean loss."""
+  finite = [p for p in pts if all(map(math.isfinite, p["losses"])) and math.isfinite(p["mib"])]
+  front, best = [], math.inf
+  for p in sorted(finite, key=lambda p: (p["mib"], np.mean(p["losses"]))):
+    if np.mean(p["losses"]) < best:
+      front.append(p)
+      best = np.mean(p["losses"])
+  return front
+
+
+def diag_cell(runs: list[dict], key: str) -> str:
+  values = [r["subspace"][key] for r in runs if r.get("subspace")]
+  if not values:
+    return ""
+  if len(values) == 1:
+    return f"{values[0]:.2f}"
+  return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def search_table(kind: str, results: dict, plan: Plan) -> list[str]:
+  tried = plan.tried(kind, results)
+  if not tried:
+    return []
+  rows = sorted({i for i, _ in tried})
+  cols = sorted({j for _, j in tried})
+  best = plan.best(kind, results)
+  lines = [
+    f"**{KINDS[kind].label}**"
+    + ("" if plan.sweep_done(kind, results) else " (search not finished)")
+    + (
+      ""
+      if best is None
+      else f": best lr {best.lr:g}, embeddings/head/norms lr {best.embed_lr:g}"
+      + edge_note(tried, rung(best.lr), rung(best.embed_lr))
+    ),
+    "",
+    "| matrix lr \\ embed lr | " + " | ".join(f"{LADDER[j]:g}" for j in cols) + " |",
+    "|---|" + "---|" * len(cols),
+  ]
+  for i in rows:
     cells = []
-    for lr in all_lrs:
-      r = results.get(Run(kind, lr).name)
-      cells.append("" if r is None else f"{r['final_eval_ppl']:.2f}")
-    lines.append(f"| {LABELS[kind]} | " + " | ".join(cells) + " |")
-  grouped = [r for r in results.values() if r["kind"] == "adamw-grouped" and r["seed"] == 0]
-  if grouped:
+    for j in cols:
+      loss = tried.get((i, j))
+      text = "" if loss is None else ("diverged" if not math.isfinite(loss) else f"{loss:.3f}")
+      if best is not None and (i, j) == (rung(best.lr), rung(best.embed_lr)):
+        text = f"**{text}**"
+      cells.append(text)
+    lines.append(f"| {LADDER[i]:g} | " + " | ".join(cells) + " |")
+  return [*lines, ""]
+
+
+def edge_note(tried: dict, i: int, j: int) -> str:
+  missing = [
+    name
+    for name, p in (
+      ("lower lr", (i - 1, j)),
+      ("higher lr", (i + 1, j)),
+      ("lower embed lr", (i, j - 1)),
+      ("higher embed lr", (i, j + 1)),
+    )
+    if p not in tried
+  ]
+  return f" (not tried: {', '.join(missing)})" if missing else " (a neighbour tried on every side)"
+
+
+def report(args, results: dict, plan: Plan, pending: int) -> str:
+  """Markdown tables from the recorded results."""
+  hidden = train.model_lib.make_config(args.model).hidden
+  tokens = args.steps * args.batch_size * args.seq_len
+  n_params = next((r["parameters"] for r in results.values() if r.get("parameters")), None)
+  lines = [
+    f"Model `{args.model}`"
+    + (f" ({n_params / 1e6:.2f}M parameters)" if n_params else "")
+    + f", {args.steps} steps × {args.batch_size} × {args.seq_len} tokens"
+    f" ({tokens / 1e6:.2f}M tokens), cosine schedule with 10% warm-up to 10% of the peak,"
+    f" α = 0.25, gap {args.update_proj_gap}, rank hidden/4 = {hidden // 4} unless noted."
+    " Loss is the validation cross-entropy per byte-level token (nats) on held-out text;"
+    " the protocol is in `examples/compare.py`'s docstring.",
+    "",
+  ]
+  if pending:
+    lines += [f"**Incomplete: {pending} runs of the current phase still to run.**", ""]
+  lines += ["### Learning-rate search (seed 0): validation loss", ""]
+  for kind in args.kinds:
+    lines += search_table(kind, results, plan)
+
+  pts = points(args, results, plan)
+  adamw_bytes = next(
+    (r["adamw_state_bytes"] for r in results.values() if r.get("adamw_state_bytes")), None
+  )
+  lines += [
+    "### Each optimizer at its best setting, over seeds",
+    "",
+    "| optimizer | lr (matrices) | lr (embeddings/head/norms) | validation loss |"
+    " perplexity | at lr 0.01 for all (seed 0) | optimizer state | vs AdamW | step time |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for p in pts:
+    if not p["default_rank"]:
+      continue
+    best = plan.best(p["kind"], results)
+    paper = results.get(Run(p["kind"], PAPER_LR, PAPER_LR).name)
+    finite = [x for x in p["losses"] if math.isfinite(x)]
+    kind_runs = [
+      r for r in results.values() if r["kind"] == p["kind"] and not r["rank"] and not r.get("model")
+    ]
+    ratio = p["mib"] * 2**20 / adamw_bytes if adamw_bytes else math.nan
+    lines.append(
+      f"| {KINDS[p['kind']].label} | {best.lr:g} | {best.embed_lr:g} | {mean_std(p['losses'])} | "
+      f"{math.exp(np.mean(finite)) if finite else math.nan:.2f} | "
+      f"{'' if paper is None else f'{loss_of(paper):.3f}'} | {p['mib']:.2f} MiB | "
+      f"{ratio:.2f}× | {step_ms(args, kind_runs):.0f} ms |"
+    )
+  lines += [
+    "",
+    "Step time: the median over the optimizer's runs at this scale. Optimizer state: the"
+    " bytes of `nnx.state(optimizer)`; AdamW's is 2 floats per model parameter.",
+  ]
+
+  lines += [
+    "",
+    "### Rank sweep at the best setting",
+    "",
+    "Validation loss (mean ± std over seeds), optimizer state, and at the final weights the"
+    " share of the update's norm from Fira's scaled residual ‖S‖/‖u‖ and the gradient's share"
+    " in the subspace ‖PᵀG‖/‖G‖ (the diagnostic in `compare.py`'s docstring).",
+    "",
+    "| optimizer | rank | validation loss | optimizer state | ‖S‖/‖u‖ | ‖PᵀG‖/‖G‖ |",
+    "|---|---|---|---|---|---|",
+  ]
+  swept = sorted(
+    (p for p in pts if p["kind"] in args.rank_sweep_kinds), key=lambda p: (p["kind"], p["rank"])
+  )
+  others = [p for p in pts if p["kind"] in DIAGNOSED and p["kind"] not in args.rank_sweep_kinds]
+  for p in swept + others:
+    lines.append(
+      f"| {KINDS[p['kind']].label} | {p['rank']} | {mean_std(p['losses'])} |"
+      f" {p['mib']:.2f} MiB | {diag_cell(p['runs'], 'residual_share')} |"
+      f" {diag_cell(p['runs'], 'gradient_in_subspace')} |"
+    )
+  front = pareto(pts)
+  if front:
     lines += [
       "",
-      "AdamW with its own lr for embeddings, head and norms (matrices at AdamW's best lr):",
-      "",
+      "Pareto front (no other point has both less optimizer state and a lower mean loss): "
+      + ", ".join(point_label(p) for p in front)
+      + ".",
     ]
-    lines += ["| matrix lr | embedding/head/norm lr | perplexity |", "|---|---|---|"]
-    for r in sorted(grouped, key=lambda r: r["embed_lr"]):
-      lines.append(f"| {r['lr']:g} | {r['embed_lr']:g} | {r['final_eval_ppl']:.2f} |")
 
-  lines += [
-    "",
-    "### Each optimizer at its best learning rate, over seeds",
-    "",
-    "| optimizer | best lr | validation perplexity | at the paper's lr 0.01 (seed 0) |"
-    " optimizer state | vs AdamW | step time |",
-    "|---|---|---|---|---|---|---|",
-  ]
-  for kind in LABELS:
-    runs = [r for r in results.values() if r["kind"] == kind and not r["rank"]]
-    if not runs:
-      continue
-    seed0 = [r for r in runs if r["seed"] == 0]
-    best = min(seed0, key=lambda r: r["final_eval_loss"])
-    same = [r for r in runs if r["lr"] == best["lr"] and r.get("embed_lr") == best.get("embed_lr")]
-    paper = results.get(Run(kind, PAPER_LR).name)
-    step_ms = (
-      args.batch_size * args.seq_len / best["tokens_per_s"] * 1e3
-      if best["tokens_per_s"]
-      else float("nan")
+  if args.confirm_model:
+    confirm = points(args, results, plan, model=args.confirm_model)
+    c = train.model_lib.make_config(args.confirm_model)
+    ctokens = args.confirm_steps * args.confirm_batch_size * args.seq_len
+    cparams = next(
+      (r["parameters"] for r in results.values() if r.get("model") == args.confirm_model), None
     )
-    lr_text = f"{best['lr']:g}" + (f" (embed {best['embed_lr']:g})" if best.get("embed_lr") else "")
-    paper_ppl = "" if paper is None else f"{paper['final_eval_ppl']:.2f}"
-    lines.append(
-      f"| {LABELS[kind]} | {lr_text} | {fmt_ppl([r['final_eval_loss'] for r in same])} | "
-      f"{paper_ppl} | "
-      f"{best['optimizer_state_bytes'] / 2**20:.2f} MiB | "
-      f"{best['optimizer_state_bytes'] / best['adamw_state_bytes']:.2f}× | {step_ms:.0f} ms |"
-    )
-
-  lines += ["", "### Rank sweep at the best learning rate: validation perplexity", ""]
-  hidden = train.model_lib.make_config(args.model).hidden
-  ranks = [*plan.ranks, hidden // 4]
-  lines += [
-    "| optimizer | " + " | ".join(f"rank {r}" for r in ranks) + " |",
-    "|---|" + "---|" * len(ranks),
-  ]
-  for kind in ("fira", "galore"):
-    seed0 = [r for r in results.values() if r["kind"] == kind and not r["rank"] and r["seed"] == 0]
-    if not seed0:
-      continue
-    best_lr_value = min(seed0, key=lambda r: r["final_eval_loss"])["lr"]
-    cells = []
-    for rank in ranks:
-      runs = [
-        r
+    lines += [
+      "",
+      f"### The larger model: `{args.confirm_model}`"
+      + (f" ({cparams / 1e6:.2f}M parameters)" if cparams else "")
+      + f", {args.confirm_steps} steps × {args.confirm_batch_size} × {args.seq_len} tokens"
+      f" ({ctokens / 1e6:.2f}M tokens), rank {c.hidden // 4}, each optimizer at its best"
+      f" setting from `{args.model}`",
+      "",
+      "| optimizer | lr (matrices) | lr (embeddings/head/norms) | validation loss |"
+      " optimizer state | vs AdamW | step time | ‖S‖/‖u‖ |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
+    cadam = next(
+      (
+        r["adamw_state_bytes"]
         for r in results.values()
-        if r["kind"] == kind
-        and r["lr"] == best_lr_value
-        and (r["rank"] == rank or (rank == hidden // 4 and not r["rank"]))
-      ]
-      cells.append(fmt_ppl([r["final_eval_loss"] for r in runs]) if runs else "")
-    lines.append(f"| {LABELS[kind]} | " + " | ".join(cells) + " |")
+        if r.get("model") == args.confirm_model and r.get("adamw_state_bytes")
+      ),
+      None,
+    )
+    for p in confirm:
+      best = plan.best(p["kind"], results)
+      ratio = p["mib"] * 2**20 / cadam if cadam else math.nan
+      lines.append(
+        f"| {KINDS[p['kind']].label} | {best.lr:g} | {best.embed_lr:g} | {mean_std(p['losses'])}"
+        f" | {p['mib']:.2f} MiB | {ratio:.2f}× | {step_ms(args, p['runs']):.0f} ms |"
+        f" {diag_cell(p['runs'], 'residual_share')} |"
+      )
   return "\n".join(lines) + "\n"
 
 
-def plot_curves(results: dict, path: pathlib.Path) -> None:
+# ---------------------------------------------------------------------------------------
+# The figures
+
+
+def _pyplot():
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for kind in LABELS:
-    seed0 = [r for r in results.values() if r["kind"] == kind and not r["rank"] and r["seed"] == 0]
-    if not seed0:
+  return plt
+
+
+def point_label(p: dict) -> str:
+  if p["kind"] in DIAGNOSED or p["kind"] == "lora":
+    return f"{p['kind']} r{p['rank']}"
+  return p["kind"]
+
+
+def plot_memory(pts: list[dict], path: pathlib.Path, title: str) -> None:
+  """Validation loss against optimizer-state MiB, error bars over seeds, the Pareto front."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(11, 5.5))
+  for p in pts:
+    finite = [x for x in p["losses"] if math.isfinite(x)]
+    if not finite or not math.isfinite(p["mib"]):
       continue
-    best = min(seed0, key=lambda r: r["final_eval_loss"])
-    steps, losses = zip(*best["curve"], strict=True)
-    ax.plot(
-      steps, [math.exp(x) for x in losses], "o-", ms=3, label=f"{LABELS[kind]}, lr {best['lr']:g}"
+    err = np.std(finite, ddof=1) if len(finite) > 1 else 0.0
+    ax.errorbar(
+      p["mib"],
+      np.mean(finite),
+      yerr=err,
+      fmt="o" if p["default_rank"] else "s",
+      color=COLORS[p["kind"]],
+      capsize=3,
+      label=KINDS[p["kind"]].label if p["default_rank"] else None,
     )
-  ax.set_xlabel("step")
-  ax.set_ylabel("validation perplexity")
-  ax.set_yscale("log")
+    ax.annotate(
+      point_label(p),
+      (p["mib"], np.mean(finite)),
+      fontsize=7,
+      xytext=(4, 3),
+      textcoords="offset points",
+    )
+  front = pareto(pts)
+  if len(front) > 1:
+    xs = [p["mib"] for p in front]
+    ys = [np.mean(p["losses"]) for p in front]
+    ax.step(xs, ys, where="post", color="k", alpha=0.4, lw=1, label="Pareto front")
+  ax.set_xscale("log")
+  ax.set_xlabel("optimizer state (MiB, log scale)")
+  ax.set_ylabel("validation loss (nats per token)")
   ax.grid(alpha=0.3, which="both")
-  ax.legend(fontsize=8)
-  ax.set_title("Validation perplexity at each optimizer's best learning rate (seed 0)")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+  ax.set_title(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def plot_curves(pts: list[dict], path: pathlib.Path, title: str) -> None:
+  """Training loss (mean over each 10 steps) and validation loss, seed 0 of each best setting."""
+  plt = _pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for p in pts:
+    if not p["default_rank"]:
+      continue
+    run = min(p["runs"], key=lambda r: r["seed"])
+    if run.get("train_curve"):
+      left.plot(*zip(*run["train_curve"], strict=True), lw=1, color=COLORS[p["kind"]])
+    if run.get("curve"):
+      right.plot(
+        *zip(*run["curve"], strict=True),
+        "o-",
+        ms=3,
+        color=COLORS[p["kind"]],
+        label=KINDS[p["kind"]].label,
+      )
+  for ax, what in ((left, "training loss (mean of 10 steps)"), (right, "validation loss")):
+    ax.set_xlabel("step")
+    ax.set_ylabel(what)
+    ax.grid(alpha=0.3)
+  right.legend(fontsize=7)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_step_times(args, results: dict, path: pathlib.Path) -> None:
+  plt = _pyplot()
+  models = [None] + ([args.confirm_model] if args.confirm_model else [])
+  fig, ax = plt.subplots(figsize=(8, 0.45 * len(args.kinds) + 1.5))
+  height = 0.8 / len(models)
+  for m, model in enumerate(models):
+    times = [
+      step_ms(
+        args,
+        [
+          r
+          for r in results.values()
+          if r["kind"] == kind and not r["rank"] and r.get("model") == model
+        ],
+      )
+      for kind in args.kinds
+    ]
+    ys = np.arange(len(args.kinds)) + m * height
+    ax.barh(
+      ys,
+      [0 if math.isnan(t) else t for t in times],
+      height,
+      label=f"confirm: {model}" if model else f"sweep: {args.model}",
+    )
+    for y, t in zip(ys, times, strict=True):
+      if math.isfinite(t):
+        ax.text(t, y, f" {t:.0f}", va="center", fontsize=7)
+  ax.set_yticks(
+    np.arange(len(args.kinds)) + 0.4 - height / 2, [KINDS[k].label for k in args.kinds], fontsize=7
+  )
+  ax.invert_yaxis()
+  ax.set_xlabel("milliseconds per training step (median over runs)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_outputs(args, results: dict, plan: Plan, pending: int) -> str:
+  text = report(args, results, plan, pending)
+  (args.out / "compare.md").write_text(text)
+  tag = f"`{args.model}`, {args.steps * args.batch_size * args.seq_len / 1e6:.2f}M tokens"
+  pts = points(args, results, plan)
+  plot_memory(pts, args.out / "memory.png", f"Validation loss against optimizer memory ({tag})")
+  plot_curves(pts, args.out / "curves.png", f"Each optimizer at its best setting ({tag})")
+  plot_step_times(args, results, args.out / "step_time.png")
+  if args.confirm_model:
+    cpts = points(args, results, plan, model=args.confirm_model)
+    ctokens = args.confirm_steps * args.confirm_batch_size * args.seq_len
+    ctag = f"`{args.confirm_model}`, {ctokens / 1e6:.2f}M tokens"
+    plot_memory(
+      cpts,
+      args.out / f"memory_{args.confirm_model}.png",
+      f"Validation loss against optimizer memory ({ctag})",
+    )
+    plot_curves(
+      cpts,
+      args.out / f"curves_{args.confirm_model}.png",
+      f"Best settings from `{args.model}` ({ctag})",
+    )
+  return text
+
+
+def parse_kinds(text: str) -> list[str]:
+  kinds = [k for k in text.split(",") if k]
+  unknown = [k for k in kinds if k not in KINDS]
+  if unknown:
+    raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(KINDS)}")
+  return kinds
 
 
 def main(argv=None) -> str:
@@ -312,19 +811,54 @@ def main(argv=None) -> str:
   parser.add_argument("--update-proj-gap", type=int, default=200)
   parser.add_argument("--eval-every", type=int, default=100)
   parser.add_argument("--eval-batches", type=int, default=16)
-  parser.add_argument("--seeds", type=int, default=2, help="seeds at each best lr (>= 1)")
   parser.add_argument(
-    "--rank-sweep-seeds", type=int, default=1, help="seeds per rank in the rank sweep"
+    "--kinds",
+    type=parse_kinds,
+    default=list(KINDS),
+    help=f"optimizers to compare (default: {','.join(KINDS)})",
+  )
+  parser.add_argument(
+    "--max-sweep-runs", type=int, default=9, help="lr-search runs per optimizer, at most"
+  )
+  parser.add_argument("--seeds", type=int, default=3, help="seeds at each best setting (>= 1)")
+  parser.add_argument(
+    "--rank-sweep-seeds", type=int, default=2, help="seeds per rank in the rank sweep"
+  )
+  parser.add_argument(
+    "--rank-sweep-kinds",
+    type=parse_kinds,
+    default=["fira", "galore"],
+    help="optimizers of the rank sweep",
+  )
+  parser.add_argument(
+    "--confirm-model",
+    default=None,
+    choices=sorted(train.model_lib.CONFIGS),
+    help="rerun each best setting on this (larger) model",
+  )
+  parser.add_argument("--confirm-steps", type=int, default=1000)
+  parser.add_argument("--confirm-batch-size", type=int, default=16)
+  parser.add_argument(
+    "--confirm-seeds", type=int, default=1, help="seeds per optimizer on --confirm-model"
   )
   parser.add_argument("--data", default=None, help="your own text instead of the stdlib sources")
   parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-  parser.add_argument("--smoke", action="store_true", help="one lr per optimizer (for tests)")
+  parser.add_argument(
+    "--smoke", action="store_true", help="one lr per optimizer, no search (for tests)"
+  )
   args = parser.parse_args(argv)
   # The trainer's own checks, on a draft of the runs' config, before anything is trained.
-  problems = train.check_config(train_config(args, Run(kind="fira", lr=1e-3)))
+  problems = train.check_config(train_config(args, Run(kind="fira", lr=1e-3, embed_lr=1e-2)))
   if problems:
     parser.error("; ".join(problems))
-  for flag in ("seeds", "rank_sweep_seeds"):
+  for flag in (
+    "seeds",
+    "rank_sweep_seeds",
+    "confirm_seeds",
+    "confirm_steps",
+    "confirm_batch_size",
+    "max_sweep_runs",
+  ):
     if getattr(args, flag) < 1:
       parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
   args.out.mkdir(parents=True, exist_ok=True)
@@ -332,25 +866,24 @@ def main(argv=None) -> str:
   results = load_results(results_path)
   plan = Plan(args)
   new_runs = 0
-  for phase in plan.phases(results):
-    pending = [run for run in phase if run.name not in results]
+  for phase, runs in plan.phases(results):
+    pending = [run for run in runs if run.name not in results]
     for i, run in enumerate(pending):
       if args.max_runs is not None and new_runs >= args.max_runs:
+        write_outputs(args, results, plan, len(pending) - i)
         print(f"stopped after {new_runs} runs (--max-runs); run again to continue")
         return ""
-      print(f"[{len(results) + 1}] {run.name} ({i + 1}/{len(pending)} in this phase)", flush=True)
+      print(f"[{len(results) + 1}] {phase}: {run.name} ({i + 1}/{len(pending)})", flush=True)
       result = execute(args, run, results_path)
       results[run.name] = result
       new_runs += 1
+      note = f", diagnostic {result['subspace']}" if result.get("subspace") else ""
       print(
-        f"    validation perplexity {result['final_eval_ppl']:.3f} in {result['wall_s']:.0f} s",
-        flush=True,
+        f"    validation loss {loss_of(result):.4f} in {result['wall_s']:.0f} s{note}", flush=True
       )
-  text = report(args, results, plan)
-  (args.out / "compare.md").write_text(text)
-  plot_curves(results, args.out / "curves.png")
+  text = write_outputs(args, results, plan, 0)
   print(text)
-  print(f"wrote {args.out / 'compare.md'} and {args.out / 'curves.png'}")
+  print(f"wrote {args.out / 'compare.md'}, memory.png, curves.png and step_time.png")
   return text
 
 

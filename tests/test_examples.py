@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import re
 
 import compare  # examples/ (on sys.path through conftest.py)
@@ -223,33 +225,100 @@ def test_bpe_tokenizer_trained_on_the_training_split_round_trips(tmp_path, corpu
   np.testing.assert_array_equal(reloaded.val_tokens, corpus.val_tokens)
 
 
-def test_compare_writes_the_tables_and_the_plot(tmp_path, corpus_dir):
+def test_compare_runs_every_optimizer_and_writes_the_tables_and_figures(tmp_path, corpus_dir):
+  common = ["--smoke", "--steps", "3", "--eval-every", "3", "--eval-batches", "1"]
+  common += [
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--out",
+    str(tmp_path),
+    "--data",
+    str(corpus_dir),
+  ]
   text = compare.main(
-    [
-      "--smoke",
-      "--steps",
-      "3",
-      "--eval-every",
-      "3",
-      "--eval-batches",
-      "1",
-      "--seeds",
-      "1",
-      "--batch-size",
-      "2",
-      "--seq-len",
-      "32",
-      "--out",
-      str(tmp_path),
-      "--data",
-      str(corpus_dir),
-    ]
+    [*common, "--seeds", "1", "--rank-sweep-kinds", "fira", "--rank-sweep-seeds", "1"]
   )
-  for label in compare.LABELS.values():
-    assert label in text
-  assert "Rank sweep" in text and (tmp_path / "curves.png").exists()
   results = compare.load_results(tmp_path / "results.jsonl")
-  assert {r["kind"] for r in results.values()} == set(compare.LABELS)
+  assert {r["kind"] for r in results.values()} == set(compare.KINDS)
+  assert all(np.isfinite(r["final_eval_loss"]) for r in results.values())
+  for kind in compare.KINDS.values():
+    assert f"**{kind.label}**: best lr" in text  # its search table
+    row = next(line for line in text.splitlines() if line.startswith(f"| {kind.label} | "))
+    assert re.search(r"\| \d+\.\d{3} \(n=1\) \| .* MiB \| [\d.]+× \| \d+ ms \|$", row), row
+  # The rank sweep: ranks 8 and 16 (and the default 32), with Fira's residual share measured.
+  rank_sweep = text[text.index("### Rank sweep") :].splitlines()
+  rank_rows = [line for line in rank_sweep if line.startswith("| Fira (fira_adamw, SVD basis) | ")]
+  assert [row.split(" | ")[1] for row in rank_rows] == ["8", "16", "32"]
+  for row in rank_rows[:2]:
+    share = float(row.split(" | ")[4])
+    assert 0 < share < 1, row
+  assert "Pareto front" in text
+  for figure in ("memory.png", "curves.png", "step_time.png"):
+    assert (tmp_path / figure).stat().st_size > 20_000, figure
+  assert (tmp_path / "compare.md").read_text() == text
+
+  # The larger scale, in parts: one run, then the rest; the tuning is not run again.
+  confirm = [*common, "--seeds", "1", "--rank-sweep-kinds", "fira", "--rank-sweep-seeds", "1"]
+  confirm += ["--kinds", "adamw,fira-adafactor", "--confirm-model", "tiny"]
+  confirm += ["--confirm-steps", "4", "--confirm-batch-size", "2"]
+  assert compare.main([*confirm, "--max-runs", "1"]) == ""
+  assert len(compare.load_results(tmp_path / "results.jsonl")) == len(results) + 1
+  assert "Incomplete: 1 runs" in (tmp_path / "compare.md").read_text()
+  text = compare.main(confirm)
+  assert len(compare.load_results(tmp_path / "results.jsonl")) == len(results) + 2
+  larger = text[text.index("### The larger model") :]
+  assert "4 steps × 2 × 32 tokens" in larger
+  for kind in ("adamw", "fira-adafactor"):
+    assert f"| {compare.KINDS[kind].label} | " in larger
+  assert (tmp_path / "memory_tiny.png").stat().st_size > 20_000
+
+
+def fake_results(plan, loss, kind="adamw"):
+  """Runs ``kind``'s learning-rate search on ``loss(matrix rung, embed rung)``, no training."""
+  results = {}
+  while runs := plan.next_sweep_runs(kind, results):
+    for run in runs:
+      value = loss(compare.rung(run.lr), compare.rung(run.embed_lr))
+      results[run.name] = dict(
+        kind=kind,
+        lr=run.lr,
+        embed_lr=run.embed_lr,
+        seed=0,
+        rank=0,
+        final_eval_loss=None if math.isinf(value) else value,  # None: diverged, as recorded
+      )
+  return results
+
+
+def search_plan(max_sweep_runs):
+  return compare.Plan(
+    argparse.Namespace(model="tiny", seeds=3, smoke=False, max_sweep_runs=max_sweep_runs)
+  )
+
+
+def test_compare_search_extends_the_grid_past_an_edge_optimum_until_it_is_interior():
+  # AdamW's grid is 3e-4, 1e-3, 3e-3 with the embeddings at 0.01; the optimum is 3e-5 / 0.03.
+  optimum = (compare.rung(3e-5), compare.rung(0.03))
+  loss = lambda i, j: (i - optimum[0]) ** 2 + 0.5 * (j - optimum[1]) ** 2
+  plan = search_plan(max_sweep_runs=30)
+  results = fake_results(plan, loss)
+  best = plan.best("adamw", results)
+  assert (best.lr, best.embed_lr) == (3e-5, 0.03)
+  tried = plan.tried("adamw", results)
+  i, j = optimum
+  assert {(i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)} <= set(tried)  # both sides, both lrs
+  assert len(tried) < 15  # the neighbourhood of the path, not the whole ladder
+
+
+def test_compare_search_stops_at_max_sweep_runs_and_counts_a_diverged_run_as_worst():
+  plan = search_plan(max_sweep_runs=5)
+  results = fake_results(plan, lambda i, j: math.inf if i == compare.rung(3e-3) else -i)
+  assert len(results) == 5
+  best = plan.best("adamw", results)
+  assert best.lr == 1e-3  # 3e-3 diverged
+  assert plan.next_sweep_runs("adamw", results) == []
 
 
 def test_finetune_starts_every_optimizer_from_the_pretrained_weights(tmp_path, corpus_dir):
