@@ -18,18 +18,23 @@ Every optimizer trains the same model on the same batches, seeds, token budget a
    with a diagnostic: at the final weights, Fira's pieces (``fira_jax.subspace_projection``,
    ``in_subspace``, ``norm_based_scaling``, ``limit_residual_growth``, ``back_projection``)
    run on ``DIAGNOSTIC_BATCHES`` further training batches (the weights held, the state warmed
-   on the first half) and measure, over the attention/MLP matrices, the share of the update's
-   norm that comes from the scaled residual, ‖S‖/‖u‖, and the share of the gradient's norm
-   inside the subspace, ‖PᵀG‖/‖G‖.
+   on the first half, the basis fresh where training's is up to a gap old) and measure, over
+   the attention/MLP matrices, the share of the update's norm that comes from the scaled
+   residual, ‖S‖/‖u‖, and the share of the gradient's norm inside the subspace, ‖PᵀG‖/‖G‖.
 4. With ``--confirm-model``: each optimizer's best setting from step 1, unchanged, on the
-   larger model (``--confirm-steps`` × ``--confirm-batch-size`` sequences) and
-   ``--confirm-seeds`` seeds.
+   larger model (``--confirm-steps`` × ``--confirm-batch-size`` sequences, 2.05M tokens by
+   default) and ``--confirm-seeds`` seeds.
 
-The whole study, resumable, in parts of at most 20 runs (each call continues where the last
-stopped; ``--max-runs`` only sets the size of a part):
+The whole study is resumable and runs in parts: each call continues where the last one
+stopped, ``--max-runs`` sets the size of a part. On 2 CPU cores a run takes 39-50 s at the
+defaults (``tiny``, 500 steps × 8 × 128) and 4.8-6.5 min on a 3.3M-parameter model at
+1000 steps × 16 × 128; steps 1-3 are about 90 runs (65 min), step 4 is 18 runs (105 min):
 
-    python examples/compare.py --max-runs 20   # repeat until it prints the tables
-    python examples/compare.py --confirm-model MODEL --max-runs 4   # then the larger scale
+    python examples/compare.py --max-runs 20    # ~15 min; repeat until it prints the tables
+    python examples/compare.py --confirm-model MODEL --max-runs 4    # ~25 min; repeat
+
+where MODEL is a model of about 3M parameters in ``model.CONFIGS`` (hidden 256, ffn 688,
+4 heads, 4 layers has 3.30M with the byte-level vocabulary).
 
 Runs are recorded one per line in ``--out``/``results.jsonl`` as they finish. Writes
 ``compare.md`` (the tables), ``memory.png`` (validation loss against optimizer-state MiB,
@@ -503,6 +508,15 @@ def search_table(kind: str, results: dict, plan: Plan) -> list[str]:
   return [*lines, ""]
 
 
+def model_sizes(results: dict, model: str | None) -> tuple[int | None, int | None]:
+  """(parameters, AdamW's state bytes) of the model at a scale (None: the sweep's), read from a
+  run without LoRA adapters."""
+  for r in results.values():
+    if r.get("model") == model and r["kind"] != "lora" and r.get("parameters"):
+      return r["parameters"], r["adamw_state_bytes"]
+  return None, None
+
+
 def edge_note(tried: dict, i: int, j: int) -> str:
   missing = [
     name
@@ -521,7 +535,7 @@ def report(args, results: dict, plan: Plan, pending: int) -> str:
   """Markdown tables from the recorded results."""
   hidden = train.model_lib.make_config(args.model).hidden
   tokens = args.steps * args.batch_size * args.seq_len
-  n_params = next((r["parameters"] for r in results.values() if r.get("parameters")), None)
+  n_params, adamw_bytes = model_sizes(results, None)
   lines = [
     f"Model `{args.model}`"
     + (f" ({n_params / 1e6:.2f}M parameters)" if n_params else "")
@@ -539,9 +553,6 @@ def report(args, results: dict, plan: Plan, pending: int) -> str:
     lines += search_table(kind, results, plan)
 
   pts = points(args, results, plan)
-  adamw_bytes = next(
-    (r["adamw_state_bytes"] for r in results.values() if r.get("adamw_state_bytes")), None
-  )
   lines += [
     "### Each optimizer at its best setting, over seeds",
     "",
@@ -605,9 +616,7 @@ def report(args, results: dict, plan: Plan, pending: int) -> str:
     confirm = points(args, results, plan, model=args.confirm_model)
     c = train.model_lib.make_config(args.confirm_model)
     ctokens = args.confirm_steps * args.confirm_batch_size * args.seq_len
-    cparams = next(
-      (r["parameters"] for r in results.values() if r.get("model") == args.confirm_model), None
-    )
+    cparams, cadam = model_sizes(results, args.confirm_model)
     lines += [
       "",
       f"### The larger model: `{args.confirm_model}`"
@@ -620,14 +629,6 @@ def report(args, results: dict, plan: Plan, pending: int) -> str:
       " optimizer state | vs AdamW | step time | ‖S‖/‖u‖ |",
       "|---|---|---|---|---|---|---|---|",
     ]
-    cadam = next(
-      (
-        r["adamw_state_bytes"]
-        for r in results.values()
-        if r.get("model") == args.confirm_model and r.get("adamw_state_bytes")
-      ),
-      None,
-    )
     for p in confirm:
       best = plan.best(p["kind"], results)
       ratio = p["mib"] * 2**20 / cadam if cadam else math.nan
@@ -818,7 +819,7 @@ def main(argv=None) -> str:
     help=f"optimizers to compare (default: {','.join(KINDS)})",
   )
   parser.add_argument(
-    "--max-sweep-runs", type=int, default=9, help="lr-search runs per optimizer, at most"
+    "--max-sweep-runs", type=int, default=8, help="lr-search runs per optimizer, at most"
   )
   parser.add_argument("--seeds", type=int, default=3, help="seeds at each best setting (>= 1)")
   parser.add_argument(
@@ -839,7 +840,7 @@ def main(argv=None) -> str:
   parser.add_argument("--confirm-steps", type=int, default=1000)
   parser.add_argument("--confirm-batch-size", type=int, default=16)
   parser.add_argument(
-    "--confirm-seeds", type=int, default=1, help="seeds per optimizer on --confirm-model"
+    "--confirm-seeds", type=int, default=2, help="seeds per optimizer on --confirm-model"
   )
   parser.add_argument("--data", default=None, help="your own text instead of the stdlib sources")
   parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")

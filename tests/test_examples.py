@@ -262,7 +262,7 @@ def test_compare_runs_every_optimizer_and_writes_the_tables_and_figures(tmp_path
   # The larger scale, in parts: one run, then the rest; the tuning is not run again.
   confirm = [*common, "--seeds", "1", "--rank-sweep-kinds", "fira", "--rank-sweep-seeds", "1"]
   confirm += ["--kinds", "adamw,fira-adafactor", "--confirm-model", "tiny"]
-  confirm += ["--confirm-steps", "4", "--confirm-batch-size", "2"]
+  confirm += ["--confirm-steps", "4", "--confirm-batch-size", "2", "--confirm-seeds", "1"]
   assert compare.main([*confirm, "--max-runs", "1"]) == ""
   assert len(compare.load_results(tmp_path / "results.jsonl")) == len(results) + 1
   assert "Incomplete: 1 runs" in (tmp_path / "compare.md").read_text()
