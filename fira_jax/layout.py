@@ -216,11 +216,8 @@ def resolve_dimension_numbers(
 def _last_name(path) -> str | None:
   """The innermost dict key or attribute name of a key path (an NNX Variable's ``value``
   skipped)."""
-  for entry in reversed(path):
-    name = getattr(entry, "key", getattr(entry, "name", None))
-    if isinstance(name, str) and name not in ("value", "raw_value"):
-      return name
-  return None
+  names = [k for k in _path_keys(path) if isinstance(k, str)]
+  return names[-1] if names else None
 
 
 def _not_projected_by_name(name: str | None) -> bool:
@@ -229,7 +226,16 @@ def _not_projected_by_name(name: str | None) -> bool:
 
 
 def _path_keys(path) -> tuple:
-  keys = (getattr(e, "key", getattr(e, "name", getattr(e, "idx", None))) for e in path)
+  """The module names along a key path; flattened dicts' tuple keys and "a/b" keys split."""
+  keys = []
+  for entry in path:
+    key = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", None)))
+    if isinstance(key, tuple):
+      keys.extend(key)
+    elif isinstance(key, str):
+      keys.extend(key.split("/"))
+    elif key not in ("value", "raw_value"):
+      keys.append(key)
   return tuple(k for k in keys if k not in ("value", "raw_value"))
 
 
