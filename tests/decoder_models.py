@@ -34,7 +34,7 @@ class Config:
   L: int = 16  # context
 
   @property
-  def Dh(self) -> int:  # noqa: N802 (the model code's shape letters)
+  def Dh(self) -> int:
     return self.D // self.H
 
 
