@@ -1,7 +1,8 @@
 """Two small decoders written the way public JAX LLM code writes them, for the tests.
 
-* :class:`LinenDecoder`, after google-deepmind/nanodo: ``DenseGeneral`` attention kernels
-  ``(D, H, Dh)`` / ``(H, Dh, D)``, ``Dense`` MLP, a tied embedding (``Embed.attend``),
+* ``LinenDecoder`` (``examples/linen_decoder.py``), after google-deepmind/nanodo:
+  ``DenseGeneral`` attention kernels ``(D, H, Dh)`` / ``(H, Dh, D)``, ``Dense`` MLP, a tied
+  embedding (``Embed.attend``),
   learned positions, blocks stacked with ``nn.scan``, FSDP names from
   ``nn.with_partitioning``.
 * :class:`NnxDecoder`, after flax's gemma example: ``nnx.Einsum`` attention kernels
@@ -15,101 +16,25 @@ how they read as matrices: what the default ``weight_dimension_numbers`` must gi
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from linen_decoder import Decoder as LinenDecoder
+from linen_decoder import DecoderConfig
+from linen_decoder import causal_attention
+from linen_decoder import next_token_loss  # noqa: F401 (the tests' loss)
 
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  V: int = 48  # vocabulary
-  D: int = 32  # model width
-  H: int = 4  # heads
-  F: int = 64  # MLP width
-  N: int = 2  # layers
-  L: int = 16  # context
-
-  @property
-  def Dh(self) -> int:
-    return self.D // self.H
-
-
-def _causal_attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh):
-  Dh = q_BxLxHxDh.shape[-1]
-  att_BxHxLxL = jnp.einsum("blhd,bmhd->bhlm", q_BxLxHxDh, k_BxLxHxDh) / Dh**0.5
-  L = att_BxHxLxL.shape[-1]
-  att_BxHxLxL = jnp.where(jnp.tril(jnp.ones((L, L), bool)), att_BxHxLxL, -1e9)
-  return jnp.einsum("bhlm,bmhd->blhd", jax.nn.softmax(att_BxHxLxL, axis=-1), v_BxLxHxDh)
-
-
-# --- Flax Linen, nanodo-like -------------------------------------------------------------
-
-
-def _fsdp(init, names):
-  return nn.with_partitioning(init, names)
-
-
-class LinenBlock(nn.Module):
-  cfg: Config
-
-  @nn.compact
-  def __call__(self, x_BxLxD, _):
-    cfg = self.cfg
-    kernel = nn.initializers.xavier_uniform()
-    qkv = functools.partial(
-      nn.DenseGeneral,
-      axis=-1,
-      features=(cfg.H, cfg.Dh),
-      use_bias=False,
-      kernel_init=_fsdp(kernel, ("data", None, None)),
-    )
-    y_BxLxD = nn.LayerNorm(use_bias=False)(x_BxLxD)
-    o_BxLxHxDh = _causal_attention(
-      qkv(name="query")(y_BxLxD), qkv(name="key")(y_BxLxD), qkv(name="value")(y_BxLxD)
-    )
-    x_BxLxD += nn.DenseGeneral(
-      features=cfg.D,
-      axis=(-2, -1),
-      use_bias=False,
-      kernel_init=_fsdp(kernel, (None, None, "data")),
-      name="attn_out_proj",
-    )(o_BxLxHxDh)
-    y_BxLxD = nn.LayerNorm(use_bias=False)(x_BxLxD)
-    mlp = functools.partial(nn.Dense, use_bias=False, kernel_init=_fsdp(kernel, ("data", None)))
-    x_BxLxD += mlp(cfg.D, name="mlp_out")(jax.nn.gelu(mlp(cfg.F, name="mlp_in")(y_BxLxD)))
-    return x_BxLxD, None
-
-
-class LinenDecoder(nn.Module):
-  cfg: Config
-
-  @nn.compact
-  def __call__(self, y_BxL):
-    cfg = self.cfg
-    init = nn.initializers.normal(0.02)
-    embed = nn.Embed(cfg.V, cfg.D, embedding_init=_fsdp(init, (None, "data")), name="embed")
-    pos = nn.Embed(cfg.L, cfg.D, embedding_init=_fsdp(init, (None, "data")), name="pos_embed")
-    x_BxLxD = embed(y_BxL) + pos(jnp.arange(y_BxL.shape[1]))[None]
-    blocks = nn.scan(
-      LinenBlock,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      length=cfg.N,
-      metadata_params={nn.PARTITION_NAME: None},
-    )
-    x_BxLxD, _ = blocks(cfg, name="blocks")(x_BxLxD, None)
-    return embed.attend(nn.LayerNorm(use_bias=False, name="out_ln")(x_BxLxD))
+# The Linen decoder is the one examples/linen_decoder.py trains, at a test size.
+Config = functools.partial(DecoderConfig, V=48, D=32, H=4, F=64, N=2, L=16)
 
 
 # --- Flax NNX, gemma-like ----------------------------------------------------------------
 
 
 class NnxBlock(nnx.Module):
-  def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
     kernel = nnx.initializers.xavier_uniform()
     fsdp = nnx.with_partitioning
     self.pre_attention_norm = nnx.RMSNorm(cfg.D, rngs=rngs)
@@ -142,14 +67,14 @@ class NnxBlock(nnx.Module):
   def __call__(self, x_BxLxD):
     y_BxLxD = self.pre_attention_norm(x_BxLxD)
     k_BxLxNxH, v_BxLxNxH = self.kv_einsum(y_BxLxD)
-    o_BxLxNxH = _causal_attention(self.q_einsum(y_BxLxD), k_BxLxNxH, v_BxLxNxH)
+    o_BxLxNxH = causal_attention(self.q_einsum(y_BxLxD), k_BxLxNxH, v_BxLxNxH)
     x_BxLxD = x_BxLxD + self.attn_vec_einsum(o_BxLxNxH)
     y_BxLxD = self.pre_ffw_norm(x_BxLxD)
     return x_BxLxD + self.mlp_out(jax.nn.gelu(self.mlp_in(y_BxLxD)))
 
 
 class NnxDecoder(nnx.Module):
-  def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
     self.embed = nnx.Embed(
       cfg.V,
       cfg.D,
@@ -197,18 +122,13 @@ ATTENTION_AND_MLP = {
 }
 
 
-def linen_params(cfg: Config = Config(), seed: int = 0):
+def linen_params(cfg: DecoderConfig | None = None, seed: int = 0):
   """The Linen decoder's boxed parameters (``nn.Partitioned`` leaves)."""
+  cfg = cfg or Config()
   tokens = jnp.zeros((1, cfg.L), jnp.int32)
   return LinenDecoder(cfg).init(jax.random.key(seed), tokens)["params"]
 
 
-def tokens(cfg: Config = Config(), batch: int = 8, seed: int = 0):
+def tokens(cfg: DecoderConfig | None = None, batch: int = 8, seed: int = 0):
+  cfg = cfg or Config()
   return jax.random.randint(jax.random.key(seed), (batch, cfg.L + 1), 0, cfg.V)
-
-
-def next_token_loss(logits_BxLxV, y_BxL):
-  return jnp.mean(
-    jax.nn.logsumexp(logits_BxLxV, -1)
-    - jnp.take_along_axis(logits_BxLxV, y_BxL[..., None], -1)[..., 0]
-  )
