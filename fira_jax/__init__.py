@@ -29,6 +29,7 @@ from fira_jax.description import describe
 from fira_jax.fira import FORMULATIONS
 from fira_jax.fira import FiraState
 from fira_jax.fira import scale_by_fira
+from fira_jax.flax_metadata import keep_flax_metadata
 from fira_jax.layout import FiraDimensionNumbers
 from fira_jax.layout import MatrixLayout
 from fira_jax.layout import default_dimension_numbers
@@ -82,6 +83,7 @@ __all__ = (
   "galore_adamw",
   "galore_dimension_numbers",
   "in_subspace",
+  "keep_flax_metadata",
   "limit_norm_growth",
   "limit_residual_growth",
   "matrix_layout",
