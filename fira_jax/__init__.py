@@ -29,8 +29,10 @@ from fira_jax.description import describe
 from fira_jax.fira import FORMULATIONS
 from fira_jax.fira import FiraState
 from fira_jax.fira import scale_by_fira
+from fira_jax.flax_metadata import keep_flax_metadata
 from fira_jax.layout import FiraDimensionNumbers
 from fira_jax.layout import MatrixLayout
+from fira_jax.layout import default_dimension_numbers
 from fira_jax.layout import dimension_numbers_for_paths
 from fira_jax.layout import galore_dimension_numbers
 from fira_jax.layout import matrix_layout
@@ -73,6 +75,7 @@ __all__ = (
   "back_projection",
   "canonical_signs",
   "clip_by_norm_growth",
+  "default_dimension_numbers",
   "describe",
   "dimension_numbers_for_paths",
   "fira_adamw",
@@ -80,6 +83,7 @@ __all__ = (
   "galore_adamw",
   "galore_dimension_numbers",
   "in_subspace",
+  "keep_flax_metadata",
   "limit_norm_growth",
   "limit_residual_growth",
   "matrix_layout",

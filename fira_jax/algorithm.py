@@ -43,6 +43,7 @@ import optax
 from fira_jax import adam
 from fira_jax import bases
 from fira_jax import checks
+from fira_jax import flax_metadata
 from fira_jax import layout as layout_lib
 from fira_jax import limiter
 from fira_jax import refresh
@@ -203,7 +204,9 @@ def subspace_projection(
     )
     return treedef.unflatten(leaves), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return flax_metadata.keep_flax_metadata(
+    optax.GradientTransformation(init_fn, update_fn), _is_subspace_update
+  )
 
 
 def in_subspace(
@@ -290,7 +293,9 @@ def in_subspace(
     ]
     return treedef.unflatten(new_nodes), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return flax_metadata.keep_flax_metadata(
+    optax.GradientTransformation(init_fn, update_fn), _is_subspace_update
+  )
 
 
 def _residual_weight(scale, formulation) -> tuple:
@@ -353,7 +358,8 @@ def norm_based_scaling(
     s = phi * (u.gradient.astype(jnp.float32) - a * back.astype(jnp.float32))
     return dataclasses.replace(u, residual=s)
 
-  return optax.stateless(lambda updates, params=None: _map_projected(scaled_residual, updates))
+  piece = optax.stateless(lambda updates, params=None: _map_projected(scaled_residual, updates))
+  return flax_metadata.keep_flax_metadata(piece, _is_subspace_update)
 
 
 class LimitResidualGrowthState(NamedTuple):
@@ -431,7 +437,9 @@ def limit_residual_growth(
     )
     return treedef.unflatten(nodes), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return flax_metadata.keep_flax_metadata(
+    optax.GradientTransformation(init_fn, update_fn), _is_subspace_update
+  )
 
 
 def back_projection(
@@ -484,7 +492,8 @@ def back_projection(
       update = update + c * u.residual
     return u.layout.matrix.from_matrices(update.astype(u.gradient.dtype))
 
-  return optax.stateless(lambda updates, params=None: _map_projected(full_update, updates))
+  back = optax.stateless(lambda updates, params=None: _map_projected(full_update, updates))
+  return flax_metadata.keep_flax_metadata(back, _is_subspace_update)
 
 
 def fira_chain(

@@ -8,6 +8,7 @@ import math
 import jax
 import optax
 
+from fira_jax import boxes
 from fira_jax import state_tree
 
 
@@ -89,7 +90,7 @@ def describe(tx, params: optax.Params) -> Description:
 
   Args:
     tx: the optimizer (anything with ``init``).
-    params: the parameters, as arrays or ``jax.ShapeDtypeStruct``.
+    params: the parameters, as arrays or ``jax.ShapeDtypeStruct``, Flax-boxed or not.
 
   Returns:
     A :class:`Description`; ``print`` it for a table.
@@ -104,6 +105,7 @@ def describe(tx, params: optax.Params) -> Description:
     0.323
   """
   state, seen = state_tree.layouts_seen_by_init(tx, params)
+  state, params = boxes.unbox(state), boxes.unbox(params)  # Flax's boxes: read their arrays
   treedef = jax.tree.structure(params)
   per_leaf = [0] * treedef.num_leaves
   other = [0]

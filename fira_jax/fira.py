@@ -19,6 +19,7 @@ from fira_jax import adam
 from fira_jax import bases
 from fira_jax import checks
 from fira_jax import explicit_sharding
+from fira_jax import flax_metadata
 from fira_jax import layout as layout_lib
 from fira_jax import refresh
 from fira_jax import scaling as scaling_lib
@@ -274,8 +275,8 @@ def scale_by_fira(
     )
     return treedef.unflatten(new_leaves), new_state
 
-  return optax.GradientTransformation(
-    init_fn, explicit_sharding.with_auto_axes(update_fn, hyperparams)
+  return flax_metadata.keep_flax_metadata(
+    optax.GradientTransformation(init_fn, explicit_sharding.with_auto_axes(update_fn, hyperparams))
   )
 
 

@@ -8,6 +8,7 @@ scanned layers), handled matrix by matrix.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -50,9 +51,6 @@ class FiraDimensionNumbers(NamedTuple):
 
 
 DimensionNumbersOrFn = FiraDimensionNumbers | Any | Callable[[Any], Any] | None
-
-# Flax's names of biases, norm scales and embedding tables: never projected by default.
-NOT_PROJECTED_BY_DEFAULT = ("bias", "scale", "embedding")
 
 
 def _is_spec_leaf(x: Any) -> bool:
@@ -180,9 +178,7 @@ def resolve_dimension_numbers(
 ) -> list[FiraDimensionNumbers | None]:
   """Returns one spec (or None) per leaf of ``tree``, in flattening order.
 
-  ``weight_dimension_numbers`` is None (every 2-D leaf as an ``(in, out)`` kernel, except
-  leaves named ``bias``, ``scale`` or ``embedding``; a float leaf of three or more
-  dimensions gets a warning naming it and what to pass), one
+  ``weight_dimension_numbers`` is None (:func:`default_dimension_numbers`), one
   spec (every leaf with two or more dimensions), a prefix tree of specs and
   None, or a callable of the tree returning one of those.
   """
@@ -192,8 +188,7 @@ def resolve_dimension_numbers(
     weight_dimension_numbers = weight_dimension_numbers(tree)
   leaves, treedef = jax.tree.flatten(tree)
   if weight_dimension_numbers is None:
-    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    return [_default_spec(path, x) for path, x in zip(paths, leaves, strict=True)]
+    weight_dimension_numbers = default_dimension_numbers(tree)
   if isinstance(weight_dimension_numbers, FiraDimensionNumbers):
     return [weight_dimension_numbers if jnp.ndim(x) >= 2 else None for x in leaves]
   try:
@@ -221,30 +216,165 @@ def resolve_dimension_numbers(
 def _last_name(path) -> str | None:
   """The innermost dict key or attribute name of a key path (an NNX Variable's ``value``
   skipped)."""
-  for entry in reversed(path):
-    name = getattr(entry, "key", getattr(entry, "name", None))
-    if isinstance(name, str) and name not in ("value", "raw_value"):
-      return name
-  return None
+  names = [k for k in _path_keys(path) if isinstance(k, str)]
+  return names[-1] if names else None
 
 
-def _default_spec(path, x) -> FiraDimensionNumbers | None:
-  """The default: 2-D ``(in, out)`` kernels; biases, norm scales and embeddings are not
-  projected, and a float leaf of three or more dimensions is reported, not guessed at."""
-  if jnp.ndim(x) == 2 and _last_name(path) not in NOT_PROJECTED_BY_DEFAULT:
-    return FiraDimensionNumbers()
-  if jnp.ndim(x) >= 3 and is_trainable(x):
-    warnings.warn(
-      f"parameter {jax.tree_util.keystr(path)} with shape {jnp.shape(x)} is not projected:"
-      " the default weight_dimension_numbers projects 2-D (in, out) kernels only. To"
-      " project it, give it FiraDimensionNumbers in weight_dimension_numbers (a tree or"
-      " a callable such as dimension_numbers_for_paths), e.g. FiraDimensionNumbers(0,"
-      " (1, 2)) for a DenseGeneral (embed, heads, head_dim) kernel, FiraDimensionNumbers("
-      "(0, 1), 2) for (heads, head_dim, embed), FiraDimensionNumbers(1, 2) for stacked"
-      " (layers, in, out) layers; None there keeps plain Adam without this warning.",
-      stacklevel=2,
-    )
-  return None
+def _not_projected_by_name(name: str | None) -> bool:
+  name = (name or "").lower()
+  return name in ("bias", "scale") or "embed" in name
+
+
+def _path_keys(path) -> tuple:
+  """The module names along a key path; flattened dicts' tuple keys and "a/b" keys split."""
+  keys = []
+  for entry in path:
+    key = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", None)))
+    if isinstance(key, tuple):
+      keys.extend(key)
+    elif isinstance(key, str):
+      keys.extend(key.split("/"))
+    elif key not in ("value", "raw_value"):
+      keys.append(key)
+  return tuple(k for k in keys if k not in ("value", "raw_value"))
+
+
+class _TreeFacts(NamedTuple):
+  """What the default reads from the whole tree to place one leaf's axes."""
+
+  width: int | None  # D, the model width
+  stacks: list[tuple[tuple, tuple[int, ...]]]  # (path prefix, stack shape) of stacked norms
+
+
+def _tree_facts(paths: list, leaves: list) -> _TreeFacts:
+  """The model width D (the embedding tables' columns, else the norm scales' size) and
+  the stacks of layers (``nn.scan``/``nnx.scan``/``nnx.vmap``: norm scales with leading
+  axes)."""
+  names = [_last_name(p) for p in paths]
+  shapes = [tuple(jnp.shape(x)) for x in leaves]
+  embeds = [s[-1] for n, s in zip(names, shapes, strict=True) if "embed" in (n or "").lower()]
+  norms = [s[-1] for n, s in zip(names, shapes, strict=True) if n == "scale" and s]
+  sizes = [s for s in embeds if s > 1] or norms
+  width = collections.Counter(sizes).most_common(1)[0][0] if sizes else None
+  stacks = [
+    (_path_keys(p)[:-1], s[:-1])
+    for p, n, s in zip(paths, names, shapes, strict=True)
+    if n == "scale" and len(s) >= 2 and (width is None or s[-1] == width)
+  ]
+  return _TreeFacts(width, stacks)
+
+
+def _stack_axes(path, shape: tuple[int, ...], facts: _TreeFacts) -> int:
+  """How many leading axes of the leaf are layer-stack axes: those of the stacked norm scale
+  that shares the longest path prefix with it (at least the scanned module's key)."""
+  keys = _path_keys(path)
+  best, best_common = 0, 0
+  for prefix, stack in facts.stacks:
+    common = 0
+    for a, b in zip(keys, prefix, strict=False):
+      if a != b:
+        break
+      common += 1
+    if common > best_common and shape[: len(stack)] == stack:
+      best, best_common = len(stack), common
+  return best
+
+
+def _placed(path, shape: tuple[int, ...], facts: _TreeFacts) -> FiraDimensionNumbers | None:
+  """The default reading of a leaf's axes as matrices, or None if it cannot be placed.
+
+  Leading stack axes are batch axes. Two axes left: ``(in, out)``. Three or more: one side
+  is the model-width axis D, the other side every other axis (attention kernels are
+  projected whole: ``(D, heads, head_dim)`` as ``D × heads·head_dim``); D first or in the
+  middle is the reduction side (Flax ``DenseGeneral``, ``Einsum`` ``"BTD,NDH->BTNH"``), D
+  last the output side (``(heads, head_dim, D)``).
+  """
+  s = _stack_axes(path, shape, facts)
+  rest = list(range(s, len(shape)))
+  if len(rest) == 2:
+    return FiraDimensionNumbers(rest[0], rest[1])
+  wide = [a for a in rest if shape[a] == facts.width]
+  if len(rest) < 2 or not wide:
+    return None
+  if rest[-1] in wide and rest[0] not in wide:
+    return FiraDimensionNumbers(tuple(rest[:-1]), rest[-1])
+  d = wide[0]
+  return FiraDimensionNumbers(d, tuple(a for a in rest if a != d))
+
+
+def _warn_not_placed(path, x: Any) -> None:
+  warnings.warn(
+    f"parameter {jax.tree_util.keystr(path)} with shape {jnp.shape(x)} is not projected:"
+    " its axes cannot be read as a matrix by the default (no axis of the model width,"
+    " the embedding tables' or norm scales' size). To project it, give it"
+    " FiraDimensionNumbers in weight_dimension_numbers (a tree or a callable), e.g."
+    " FiraDimensionNumbers(0, (1, 2)) for an (embed, heads, head_dim) kernel,"
+    " FiraDimensionNumbers((0, 1), 2) for (heads, head_dim, embed),"
+    " FiraDimensionNumbers(1, 2) for stacked (layers, in, out) layers; None there keeps"
+    " plain Adam without this warning. Where the tree holds only some parameters"
+    " (optax.partition, optax.masked), pass"
+    " weight_dimension_numbers=fira_jax.default_dimension_numbers(all_params).",
+    stacklevel=3,
+  )
+
+
+def _placed_or_warned(path, x: Any, facts: _TreeFacts) -> FiraDimensionNumbers | None:
+  if jnp.ndim(x) < 2 or not is_trainable(x):
+    return None
+  spec = _placed(path, tuple(jnp.shape(x)), facts)
+  if spec is None and jnp.ndim(x) >= 3:
+    _warn_not_placed(path, x)
+  return spec
+
+
+def default_dimension_numbers(tree: Any) -> Any:
+  """The default ``weight_dimension_numbers``: attention and MLP kernels, read from shapes.
+
+  Per float leaf of ``tree`` (Flax Linen or NNX parameters, boxed or not):
+
+  * biases, norm scales and embedding tables (leaves named ``bias``, ``scale`` or with
+    ``embed`` in their name) are not projected, nor are leaves of fewer than two axes;
+  * stacked layers (``nn.scan``, ``nnx.scan``, ``nnx.vmap``) are recognised by their
+    norm scales, which gain the same leading axes: those axes are batch axes, one
+    matrix per layer;
+  * two axes left: an ``(in, out)`` kernel (``Dense``, ``Linear``, an untied head);
+  * three or more: a multi-axis kernel (``DenseGeneral``, ``LinearGeneral``, ``Einsum``)
+    projected whole, as the model width ``D`` against all its other axes: ``D`` is the
+    width of the embedding tables (else the norm scales'); ``(D, heads, head_dim)`` is
+    ``D × heads·head_dim``, ``(heads, head_dim, D)`` is ``heads·head_dim × D``, an
+    Einsum ``(heads, D, head_dim)`` is ``D × heads·head_dim``;
+  * a leaf of three or more axes without a ``D`` axis is not projected and gets a
+    warning that names it and what to pass.
+
+  :func:`describe` shows the result for a model before training.
+
+  Args:
+    tree: the parameters (or updates).
+
+  Returns:
+    A tree like ``tree`` of :class:`FiraDimensionNumbers` and None.
+
+  Example:
+    >>> import jax.numpy as jnp, fira_jax
+    >>> params = {'embed': {'embedding': jnp.zeros((100, 16))},
+    ...           'query': {'kernel': jnp.zeros((16, 4, 4))},    # (D, heads, head_dim)
+    ...           'out': {'kernel': jnp.zeros((4, 4, 16))},      # (heads, head_dim, D)
+    ...           'norm': {'scale': jnp.zeros(16)}}
+    >>> specs = fira_jax.default_dimension_numbers(params)
+    >>> specs['query']['kernel'], specs['out']['kernel'], specs['embed']['embedding']
+    (FiraDimensionNumbers(reduction_axis=0, output_axis=(1, 2)), \
+FiraDimensionNumbers(reduction_axis=(0, 1), output_axis=2), None)
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [p for p, _ in flat]
+  leaves = [x for _, x in flat]
+  facts = _tree_facts(paths, leaves)
+  return treedef.unflatten(
+    [
+      None if _not_projected_by_name(_last_name(p)) else _placed_or_warned(p, x, facts)
+      for p, x in flat
+    ]
+  )
 
 
 def dimension_numbers_for_paths(
@@ -254,33 +384,37 @@ def dimension_numbers_for_paths(
 
   Leaves whose key path (as ``jax.tree_util.keystr`` writes it, e.g.
   ``"['layers']['attn']['q']['kernel']"``) matches the regular expression
-  ``pattern`` (``re.search``) and that have two or more dimensions get ``spec``
-  (default ``FiraDimensionNumbers()``); all others get None.
+  ``pattern`` (``re.search``, case-insensitive) and that have two or more dimensions
+  get ``spec``, or with ``spec=None`` the axes that :func:`default_dimension_numbers`
+  would give them (attention kernels whole, stacked layers per layer); all others get None.
 
   Args:
-    pattern: a regular expression, searched in each leaf's key path.
-    spec: the :class:`FiraDimensionNumbers` of the matching leaves.
+    pattern: a regular expression, searched in each leaf's key path, ignoring case.
+    spec: the :class:`FiraDimensionNumbers` of the matching leaves, or None to place
+      their axes as the default does (a matching leaf it cannot place gets a warning).
 
   Returns:
     A callable of the parameters' tree, for ``weight_dimension_numbers``.
 
   Example:
     >>> import jax.numpy as jnp, fira_jax
-    >>> params = {'attn': {'kernel': jnp.zeros((4, 4))}, 'embed': jnp.zeros((10, 4))}
+    >>> params = {'Attn_0': {'kernel': jnp.zeros((4, 4))}, 'embed': jnp.zeros((10, 4))}
     >>> fn = fira_jax.dimension_numbers_for_paths(r"attn|mlp")
     >>> fn(params)
-    {'attn': {'kernel': FiraDimensionNumbers(reduction_axis=0, output_axis=1)}, 'embed': None}
+    {'Attn_0': {'kernel': FiraDimensionNumbers(reduction_axis=0, output_axis=1)}, 'embed': None}
   """
-  spec = FiraDimensionNumbers() if spec is None else spec
-  regex = re.compile(pattern)
+  regex = re.compile(pattern, re.IGNORECASE)
 
   def select(tree):
-    return jax.tree_util.tree_map_with_path(
-      lambda path, x: (
-        spec if jnp.ndim(x) >= 2 and regex.search(jax.tree_util.keystr(path)) else None
-      ),
-      tree,
-    )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    facts = _tree_facts([p for p, _ in flat], [x for _, x in flat])
+    chosen = []
+    for path, x in flat:
+      if jnp.ndim(x) < 2 or not regex.search(jax.tree_util.keystr(path)):
+        chosen.append(None)
+      else:
+        chosen.append(spec if spec is not None else _placed_or_warned(path, x, facts))
+    return treedef.unflatten(chosen)
 
   return select
 

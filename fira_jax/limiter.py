@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from fira_jax import checks
+from fira_jax import flax_metadata
 from fira_jax import layout as layout_lib
 
 LIMITER_EPS = 1e-8  # the reference's constant, added to the previous norm
@@ -223,4 +224,4 @@ def clip_by_norm_growth(
     )
     return treedef.unflatten(new_leaves), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return flax_metadata.keep_flax_metadata(optax.GradientTransformation(init_fn, update_fn))

@@ -41,6 +41,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from fira_jax import boxes
 from fira_jax import layout
 from fira_jax import state_tree
 from fira_jax import subspace
@@ -52,7 +53,8 @@ def _is_sharding(x: Any) -> bool:
   return isinstance(x, (NamedSharding, PartitionSpec))
 
 
-def _padded(spec: PartitionSpec, ndim: int) -> Spec:
+def padded(spec: PartitionSpec | Spec, ndim: int) -> Spec:
+  """``spec``'s entries, padded with None to ``ndim``."""
   entries = tuple(spec)
   if len(entries) > ndim:
     raise ValueError(f"partition spec {spec} has more entries than the array's {ndim} dimensions.")
@@ -86,6 +88,21 @@ def _state_specs(entries: Spec, lay: subspace.SubspaceLayout, spread: bool) -> d
     lay.low_rank_shape: batch + low_rank,
     lay.batch_shape: batch,
   }
+
+
+def specs_by_shape(
+  shape: tuple[int, ...],
+  entries: Spec,
+  layouts: list[subspace.SubspaceLayout],
+  spread: bool = True,
+) -> dict:
+  """A parameter's state specs by the state array's shape: Fira's shapes of it, then the
+  parameter's own shape (its own entries)."""
+  specs = {}
+  for lay in layouts:
+    specs.update(_state_specs(entries, lay, spread))
+  specs[tuple(shape)] = entries
+  return specs
 
 
 def _mesh_of(sharding_leaves: list) -> Any:
@@ -154,6 +171,8 @@ def state_shardings(
     state, seen = state_tree.layouts_seen_by_init(tx_or_state, params)
   else:
     state, seen = tx_or_state, [[] for _ in jax.tree.leaves(params)]
+  # Flax's boxes (nn.Partitioned, NNX Variables) hold the arrays; the shardings are per array.
+  state, params, param_shardings = (boxes.unbox(t) for t in (state, params, param_shardings))
   param_leaves, treedef = jax.tree.flatten(params)
   sharding_leaves = treedef.flatten_up_to(param_shardings)
   mesh = _mesh_of(sharding_leaves)
@@ -164,14 +183,12 @@ def state_shardings(
 
   names = layout.leaf_names(params)
   entries = [
-    _padded(s.spec if isinstance(s, NamedSharding) else s, jax.numpy.ndim(x))
+    padded(s.spec if isinstance(s, NamedSharding) else s, jax.numpy.ndim(x))
     for x, s in zip(param_leaves, sharding_leaves, strict=True)
   ]
   by_shape = []  # per parameter: state shape -> spec
   for x, e, s, lays in zip(param_leaves, entries, sharding_leaves, seen, strict=True):
-    specs = {}
-    for lay in lays:
-      specs.update(_state_specs(e, lay, spread_moments))
+    specs = specs_by_shape(jax.numpy.shape(x), e, lays, spread_moments)
     specs[tuple(jax.numpy.shape(x))] = s  # the parameter's own shape: its sharding
     by_shape.append(specs)
 

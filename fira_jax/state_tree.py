@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import optax
 
+from fira_jax import boxes
 from fira_jax import subspace
 
 
@@ -24,11 +25,17 @@ def is_masked(x: Any) -> bool:
 def layouts_seen_by_init(tx, params) -> tuple[Any, list[list[subspace.SubspaceLayout]]]:
   """The abstract state of ``tx`` (anything with ``init``), and per parameter the distinct
   layouts that the Fira pieces computed for it in ``init`` (empty: not projected)."""
-  treedef = jax.tree.structure(params)
-  seen = [[] for _ in range(treedef.num_leaves)]
   with subspace.recording_layouts() as records:
     # A new function object: a cached trace of tx.init would compute no layouts.
     state = jax.eval_shape(lambda p: tx.init(p), params)
+  treedef = jax.tree.structure(boxes.unbox(params))
+  return state, layouts_by_parameter(records, treedef)
+
+
+def layouts_by_parameter(records: list, treedef: Any) -> list[list[subspace.SubspaceLayout]]:
+  """Per parameter of ``treedef``, the distinct layouts in ``records`` (from
+  :func:`fira_jax.subspace.recording_layouts`) of trees with the parameters' structure."""
+  seen = [[] for _ in range(treedef.num_leaves)]
   for tree, layouts in records:
     if jax.tree.structure(tree, is_leaf=is_masked) != treedef:
       continue  # a tree other than the parameters' (none of optax's wrappers make one)
@@ -37,7 +44,7 @@ def layouts_seen_by_init(tx, params) -> tuple[Any, list[list[subspace.SubspaceLa
       lay = None if is_masked(node) else next(found)
       if lay is not None and lay not in seen[i]:
         seen[i].append(lay)
-  return state, seen
+  return seen
 
 
 def map_by_parameter(
