@@ -127,6 +127,27 @@ def test_multi_steps_and_the_chain_of_pieces_get_fira_shardings_from_their_init(
   assert specs[3].residual_norm["ws"] == P(None)  # limit_residual_growth: per layer
 
 
+def test_inject_hyperparams_and_partition_get_fira_shardings_from_their_init():
+  static = ("rank", "update_proj_gap")
+  injected = optax.inject_hyperparams(fira_jax.fira_adamw, static_args=static)(
+    learning_rate=1e-3, rank=RANK, weight_dimension_numbers=DIMS
+  )
+  specs = state_shardings(injected, abstract_params(), SPECS)
+  assert specs.inner_state[0].projector["w1"] == P("fsdp", None)
+  assert specs.hyperparams["learning_rate"] == P()
+  labels = {"w1": "fira", "ws": "fira", "w2": "adam", "b": "adam"}
+  routed = optax.partition(
+    {"fira": fira_jax.fira_adamw(1e-3, rank=RANK, weight_dimension_numbers=DIMS),
+     "adam": optax.adamw(1e-3)},
+    labels,
+  )  # fmt: skip
+  specs = state_shardings(routed, abstract_params(), SPECS)
+  fira = specs.inner_states["fira"].inner_state[0]
+  assert fira.projector["w1"] == P("fsdp", None) and fira.projector["ws"] == P(None, "fsdp", None)
+  assert fira.base_optimizer_state.mu["w1"] == P(None, "fsdp")  # low rank, spread
+  assert specs.inner_states["adam"].inner_state[0].mu["w2"] == P("fsdp", None)
+
+
 # ------------------------------------------------------------- runs on the 8-device mesh
 
 
