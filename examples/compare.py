@@ -140,9 +140,15 @@ class Run:
 
 
 def load_results(path: pathlib.Path) -> dict[str, dict]:
+  """The recorded runs by name; records of the earlier protocol (one lr, other optimizer
+  names) are left out, with a note."""
   if not path.exists():
     return {}
-  return {r["name"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  kept = {r["name"]: r for r in records if r["kind"] in KINDS and r.get("embed_lr") is not None}
+  if len(kept) < len(records):
+    print(f"{path}: left out {len(records) - len(kept)} runs of an earlier protocol")
+  return kept
 
 
 def loss_of(result: dict | None) -> float:
