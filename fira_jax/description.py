@@ -35,7 +35,8 @@ class Description:
 
   ``leaves``: one :class:`LeafDescription` per parameter, in flattening order;
   ``state_bytes``: the whole optimizer state's size; ``adamw_state_bytes``:
-  ``optax.adamw``'s for the same parameters.
+  ``optax.adamw``'s for the same parameters, inside the same ``optax.MultiSteps`` when the
+  optimizer is one (its accumulated gradients count on both sides).
   """
 
   leaves: tuple[LeafDescription, ...]
@@ -134,7 +135,10 @@ def describe(tx, params: optax.Params) -> Description:
         state_bytes=nbytes,
       )
     )
-  adamw = jax.eval_shape(optax.adamw(1e-3).init, params)
+  baseline = optax.adamw(1e-3)
+  if isinstance(tx, optax.MultiSteps):  # a full-size gradient accumulator on both sides
+    baseline = optax.MultiSteps(baseline, every_k_schedule=2)
+  adamw = jax.eval_shape(baseline.init, params)
   return Description(
     leaves=tuple(leaves),
     state_bytes=sum(per_leaf) + other[0],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -57,6 +58,10 @@ def test_wrapped_optimizers_are_described_through_their_init():
     fira_jax.fira_adamw(1e-3, rank=8, weight_dimension_numbers=DIMS), PARAMS
   )
   assert report.leaves[1].state_bytes == plain.leaves[1].state_bytes + 64 * 32 * 4
+  # ... and so does it to the AdamW it is compared with: the same MultiSteps around optax.adamw.
+  gradients = sum(x.size * 4 for x in jax.tree.leaves(PARAMS))
+  mini_step_counters = 2 * 4
+  assert report.adamw_state_bytes == plain.adamw_state_bytes + gradients + mini_step_counters
 
 
 def test_an_optimizer_without_fira_projects_nothing():
