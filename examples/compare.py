@@ -31,10 +31,10 @@ defaults (``tiny``, 500 steps × 8 × 128) and 4.8-6.5 min on a 3.3M-parameter m
 1000 steps × 16 × 128; steps 1-3 are about 90 runs (65 min), step 4 is 18 runs (105 min):
 
     python examples/compare.py --max-runs 20    # ~15 min; repeat until it prints the tables
-    python examples/compare.py --confirm-model MODEL --max-runs 4    # ~25 min; repeat
+    python examples/compare.py --confirm-model 3m --max-runs 4    # ~25 min; repeat
 
-where MODEL is a model of about 3M parameters in ``model.CONFIGS`` (hidden 256, ffn 688,
-4 heads, 4 layers has 3.30M with the byte-level vocabulary).
+where ``3m`` (hidden 256, ffn 688, 4 heads, 4 layers) has 3.30M parameters with the
+byte-level vocabulary.
 
 Runs are recorded one per line in ``--out``/``results.jsonl`` as they finish. Writes
 ``compare.md`` (the tables), ``memory.png`` (validation loss against optimizer-state MiB,

@@ -38,6 +38,7 @@ class LlamaConfig:
 # The paper's shapes (REFERENCE.md) and a tiny default that trains on 2 CPU cores.
 CONFIGS = {
   "tiny": LlamaConfig(hidden=128, ffn=352, heads=4, layers=4),
+  "3m": LlamaConfig(hidden=256, ffn=688, heads=4, layers=4),  # the comparison's larger scale
   "60m": LlamaConfig(hidden=512, ffn=1376, heads=8, layers=8),
   "130m": LlamaConfig(hidden=768, ffn=2048, heads=12, layers=12),
   "350m": LlamaConfig(hidden=1024, ffn=2736, heads=16, layers=24),
