@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -132,3 +133,18 @@ def linen_params(cfg: DecoderConfig | None = None, seed: int = 0):
 def tokens(cfg: DecoderConfig | None = None, batch: int = 8, seed: int = 0):
   cfg = cfg or Config()
   return jax.random.randint(jax.random.key(seed), (batch, cfg.L + 1), 0, cfg.V)
+
+
+def arrays(tree):
+  """``tree`` with Linen's boxes and NNX's Variables replaced by their arrays."""
+  return jax.tree.map(
+    lambda x: (
+      x.get_value()
+      if isinstance(x, nnx.Variable)
+      else x.value
+      if isinstance(x, nn.Partitioned)
+      else x
+    ),
+    tree,
+    is_leaf=lambda x: isinstance(x, (nnx.Variable, nn.Partitioned)),
+  )

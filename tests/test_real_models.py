@@ -21,6 +21,7 @@ from decoder_models import ATTENTION_AND_MLP
 from decoder_models import Config
 from decoder_models import LinenDecoder
 from decoder_models import NnxDecoder
+from decoder_models import arrays
 from decoder_models import linen_params
 from decoder_models import next_token_loss
 from decoder_models import tokens
@@ -45,17 +46,7 @@ PARAMS = {"linen": linen_params, "nnx": nnx_params}
 
 def flat_by_path(tree) -> dict:
   """``{"a/b/c": leaf}`` over the unboxed tree (NNX's ``.value`` and Linen's boxes hidden)."""
-  plain = jax.tree.map(
-    lambda x: (
-      x.get_value()
-      if isinstance(x, nnx.Variable)
-      else x.value
-      if isinstance(x, nn.Partitioned)
-      else x
-    ),
-    tree,
-    is_leaf=lambda x: isinstance(x, (nnx.Variable, nn.Partitioned)),
-  )
+  plain = arrays(tree)
   return {
     "/".join(str(getattr(k, "key", k)) for k in path): x
     for path, x in jax.tree_util.tree_flatten_with_path(plain)[0]

@@ -17,6 +17,7 @@ import pytest
 from decoder_models import Config
 from decoder_models import LinenDecoder
 from decoder_models import NnxDecoder
+from decoder_models import arrays
 from decoder_models import next_token_loss
 from decoder_models import tokens
 from flax import nnx
@@ -87,20 +88,6 @@ def nnx_run(mesh, multi_steps: bool):
 
     losses = [float(step(model, optimizer)) for _ in range(STEPS)]
   return nnx.state(model, nnx.Param), optimizer.opt_state, losses
-
-
-def arrays(tree):
-  return jax.tree.map(
-    lambda x: (
-      x.get_value()
-      if isinstance(x, nnx.Variable)
-      else x.value
-      if isinstance(x, nn.Partitioned)
-      else x
-    ),
-    tree,
-    is_leaf=lambda x: isinstance(x, (nnx.Variable, nn.Partitioned)),
-  )
 
 
 def fira_state(state, multi_steps):
