@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import optax
 
 # Where an NNX Variable keeps its axis names, newest flax first.
 _NNX_NAME_KEYS = ("out_sharding", "sharding_names", "sharding")
@@ -76,13 +77,29 @@ def renamed(box: Any, value: Any, names: tuple) -> Any:
   return box.replace(value=value, names=names)
 
 
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _empty(x: Any) -> bool:
+  """A MaskedNode, bare or boxed (``optax.masked`` with a mask mapped through the boxes)."""
+  return _is_masked(x) or (is_box(x) and _is_masked(_value(x)))
+
+
+def held_boxes(tree: Any) -> list:
+  """One entry per leaf of ``unbox(tree)``: the box around it, or the leaf itself."""
+  position = lambda x: is_box(x) or _is_masked(x)
+  return [x for x in jax.tree.leaves(tree, is_leaf=position) if not _empty(x)]
+
+
 def rebox_like(boxed: Any, plain: Any, is_leaf: Callable[[Any], bool] | None = None) -> Any:
   """``plain`` (a tree with ``unbox(boxed)``'s structure as a prefix, ``is_leaf`` nodes
   counted as leaves) with each subtree put back in the box that ``boxed`` has there."""
-  at_position = lambda x: is_box(x) or (is_leaf is not None and is_leaf(x))
+  inner = lambda x: _is_masked(x) or (is_leaf is not None and is_leaf(x))
+  at_position = lambda x: is_box(x) or inner(x)
   outer = jax.tree.structure(boxed, is_leaf=at_position)
   inputs = jax.tree.leaves(boxed, is_leaf=at_position)
-  outputs = jax.tree.structure(unbox(boxed), is_leaf=is_leaf).flatten_up_to(plain)
+  outputs = jax.tree.structure(unbox(boxed), is_leaf=inner).flatten_up_to(plain)
   return outer.unflatten(
     [with_value(b, o) if is_box(b) else o for b, o in zip(inputs, outputs, strict=True)]
   )

@@ -35,8 +35,8 @@ class Description:
 
   ``leaves``: one :class:`LeafDescription` per parameter, in flattening order;
   ``state_bytes``: the whole optimizer state's size; ``adamw_state_bytes``:
-  ``optax.adamw``'s for the same parameters, inside the same ``optax.MultiSteps`` when the
-  optimizer is one (its accumulated gradients count on both sides).
+  ``optax.adamw``'s for the same parameters, inside ``optax.MultiSteps`` when the
+  optimizer's state holds one (its accumulated gradients count on both sides).
   """
 
   leaves: tuple[LeafDescription, ...]
@@ -136,7 +136,11 @@ def describe(tx, params: optax.Params) -> Description:
       )
     )
   baseline = optax.adamw(1e-3)
-  if isinstance(tx, optax.MultiSteps):  # a full-size gradient accumulator on both sides
+  # A MultiSteps (or its gradient_transformation()): a gradient accumulator on both sides.
+  if any(
+    isinstance(s, optax.MultiStepsState)
+    for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.MultiStepsState))
+  ):
     baseline = optax.MultiSteps(baseline, every_k_schedule=2)
   adamw = jax.eval_shape(baseline.init, params)
   return Description(

@@ -34,7 +34,7 @@ def boxed_state(state: Any, params: Any, seen: list) -> Any:
   that parameter's box, its axes named by :mod:`fira_jax.sharding`'s rule."""
   plain = boxes_lib.unbox(params)
   treedef = jax.tree.structure(plain)
-  held = treedef.flatten_up_to(params)
+  held = boxes_lib.held_boxes(params)
   leaves = treedef.flatten_up_to(plain)
   names = [boxes_lib.axis_names(b) if boxes_lib.is_box(b) else None for b in held]
   by_shape = [

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fira_jax import boxes
+
 
 class FiraDimensionNumbers(NamedTuple):
   """Which axes of a parameter form the matrix that Fira projects.
@@ -256,27 +258,24 @@ def _tree_facts(paths: list, leaves: list) -> _TreeFacts:
   norms = [s[-1] for n, s in zip(names, shapes, strict=True) if n == "scale" and s]
   sizes = [s for s in embeds if s > 1] or norms
   width = collections.Counter(sizes).most_common(1)[0][0] if sizes else None
+  # A stacked norm's block: its path without the norm module and "scale".
   stacks = [
-    (_path_keys(p)[:-1], s[:-1])
+    (_path_keys(p)[:-2], s[:-1])
     for p, n, s in zip(paths, names, shapes, strict=True)
     if n == "scale" and len(s) >= 2 and (width is None or s[-1] == width)
   ]
-  return _TreeFacts(width, stacks)
+  return _TreeFacts(width, [(block, stack) for block, stack in stacks if block])
 
 
 def _stack_axes(path, shape: tuple[int, ...], facts: _TreeFacts) -> int:
-  """How many leading axes of the leaf are layer-stack axes: those of the stacked norm scale
-  that shares the longest path prefix with it (at least the scanned module's key)."""
+  """How many leading axes of the leaf are layer-stack axes: those of a stacked norm scale
+  in the same block (the leaf's path starts with the norm's block path)."""
   keys = _path_keys(path)
-  best, best_common = 0, 0
-  for prefix, stack in facts.stacks:
-    common = 0
-    for a, b in zip(keys, prefix, strict=False):
-      if a != b:
-        break
-      common += 1
-    if common > best_common and shape[: len(stack)] == stack:
-      best, best_common = len(stack), common
+  best, best_block = 0, 0
+  for block, stack in facts.stacks:
+    inside = keys[: len(block)] == block and shape[: len(stack)] == stack
+    if inside and len(block) > best_block:
+      best, best_block = len(stack), len(block)
   return best
 
 
@@ -319,8 +318,8 @@ def _warn_not_placed(path, x: Any) -> None:
 
 
 def _placed_or_warned(path, x: Any, facts: _TreeFacts) -> FiraDimensionNumbers | None:
-  if jnp.ndim(x) < 2 or not is_trainable(x):
-    return None
+  if not is_trainable(x) or sum(n > 1 for n in jnp.shape(x)) < 2:
+    return None  # a scalar or a vector, however many axes of length 1 it has
   spec = _placed(path, tuple(jnp.shape(x)), facts)
   if spec is None and jnp.ndim(x) >= 3:
     _warn_not_placed(path, x)
@@ -333,10 +332,12 @@ def default_dimension_numbers(tree: Any) -> Any:
   Per float leaf of ``tree`` (Flax Linen or NNX parameters, boxed or not):
 
   * biases, norm scales and embedding tables (leaves named ``bias``, ``scale`` or with
-    ``embed`` in their name) are not projected, nor are leaves of fewer than two axes;
+    ``embed`` in their name) are not projected, nor are vectors (leaves with fewer than
+    two axes longer than 1);
   * stacked layers (``nn.scan``, ``nnx.scan``, ``nnx.vmap``) are recognised by their
-    norm scales, which gain the same leading axes: those axes are batch axes, one
-    matrix per layer;
+    norm scales, which gain the same leading axes: in the norm's block (the leaves whose
+    path starts with the norm module's parent) those axes are batch axes, one matrix per
+    layer;
   * two axes left: an ``(in, out)`` kernel (``Dense``, ``Linear``, an untied head);
   * three or more: a multi-axis kernel (``DenseGeneral``, ``LinearGeneral``, ``Einsum``)
     projected whole, as the model width ``D`` against all its other axes: ``D`` is the
@@ -348,11 +349,19 @@ def default_dimension_numbers(tree: Any) -> Any:
 
   :func:`describe` shows the result for a model before training.
 
+  .. warning::
+    Shapes cannot tell every layout apart. A stack of layers without norm scales in its
+    blocks, or with the layer axis elsewhere than first (MaxText's ``param_scan_axis=1``),
+    reads as one matrix across the layers; a fused ``(2, …)`` key/value or gate/up kernel
+    is one matrix (the reference projects each part on its own); any leaf with a ``D``
+    axis is read this way, a convolution kernel too. Pass :class:`FiraDimensionNumbers`
+    for those leaves (the stack axis left out of both sides makes it a batch axis).
+
   Args:
-    tree: the parameters (or updates).
+    tree: the parameters (or updates); Flax's boxes are read through.
 
   Returns:
-    A tree like ``tree`` of :class:`FiraDimensionNumbers` and None.
+    A tree like ``tree`` (without Flax's boxes) of :class:`FiraDimensionNumbers` and None.
 
   Example:
     >>> import jax.numpy as jnp, fira_jax
@@ -365,7 +374,7 @@ def default_dimension_numbers(tree: Any) -> Any:
     (FiraDimensionNumbers(reduction_axis=0, output_axis=(1, 2)), \
 FiraDimensionNumbers(reduction_axis=(0, 1), output_axis=2), None)
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(boxes.unbox(tree))
   paths = [p for p, _ in flat]
   leaves = [x for _, x in flat]
   facts = _tree_facts(paths, leaves)
@@ -385,8 +394,9 @@ def dimension_numbers_for_paths(
   Leaves whose key path (as ``jax.tree_util.keystr`` writes it, e.g.
   ``"['layers']['attn']['q']['kernel']"``) matches the regular expression
   ``pattern`` (``re.search``, case-insensitive) and that have two or more dimensions
-  get ``spec``, or with ``spec=None`` the axes that :func:`default_dimension_numbers`
-  would give them (attention kernels whole, stacked layers per layer); all others get None.
+  get ``spec``; with ``spec=None``, those that :func:`default_dimension_numbers` would
+  project (not biases, norm scales or embeddings) get the axes it would give them
+  (attention kernels whole, stacked layers per layer). All others get None.
 
   Args:
     pattern: a regular expression, searched in each leaf's key path, ignoring case.
@@ -412,8 +422,12 @@ def dimension_numbers_for_paths(
     for path, x in flat:
       if jnp.ndim(x) < 2 or not regex.search(jax.tree_util.keystr(path)):
         chosen.append(None)
+      elif spec is not None:
+        chosen.append(spec)
+      elif not _not_projected_by_name(_last_name(path)):
+        chosen.append(_placed_or_warned(path, x, facts))
       else:
-        chosen.append(spec if spec is not None else _placed_or_warned(path, x, facts))
+        chosen.append(None)
     return treedef.unflatten(chosen)
 
   return select

@@ -10,7 +10,9 @@ state replicated on every device:
   parameter's, the kept side like the parameter's, ``r`` replicated; with
   ``spread_moments`` (default) a kept side that the parameter does not shard
   takes the compressed side's mesh axes instead (ZeRO-style), so FSDP on the
-  compressed side does not leave the moments replicated;
+  compressed side does not leave the moments replicated (only where the kept
+  side's length is a multiple of the compressed side's, so that those mesh axes
+  divide it: an untied ``(D, vocab)`` head keeps its moments' vocab side whole);
 * limiter norm ``(…)``: like the parameter's batch axes;
 * full-shape leaves (unprojected parameters' moments): exactly like the
   parameter;
@@ -80,8 +82,12 @@ def _state_specs(entries: Spec, lay: subspace.SubspaceLayout, spread: bool) -> d
   batch = pick(matrix.batch_axes)
   reduction, output = side(matrix.reduction_axes), side(matrix.output_axes)
   compressed, kept = (reduction, output) if lay.compressed == "reduction" else (output, reduction)
-  if spread and kept is None:
-    kept = compressed  # the mesh axes that split the compressed side are free here
+  sizes = (matrix.reduction, matrix.output)
+  c_size, k_size = sizes if lay.compressed == "reduction" else sizes[::-1]
+  # The mesh axes that split the compressed side are free here; they surely divide the kept
+  # side too only if the compressed side's length does.
+  if spread and kept is None and k_size % c_size == 0:
+    kept = compressed
   low_rank = (None, kept) if lay.compressed == "reduction" else (kept, None)
   return {
     lay.projector_shape: batch + (compressed, None),
@@ -141,8 +147,9 @@ def state_shardings(
       compressed side (which the rank-``r`` moments do not have), ZeRO-style:
       with FSDP on the compressed side they would otherwise be replicated
       over the FSDP axis. ``R = PᵀG`` then ends in a reduce-scatter instead
-      of an all-reduce, and ``P N`` gathers ``N`` (rank × kept). False keeps
-      the kept side exactly as the parameter's.
+      of an all-reduce, and ``P N`` gathers ``N`` (rank × kept). Only where the
+      kept side's length is a multiple of the compressed side's (so the mesh axes
+      divide it). False keeps the kept side exactly as the parameter's.
 
   Returns:
     A tree like the state, of the same kind as ``param_shardings``

@@ -62,6 +62,8 @@ def test_wrapped_optimizers_are_described_through_their_init():
   gradients = sum(x.size * 4 for x in jax.tree.leaves(PARAMS))
   mini_step_counters = 2 * 4
   assert report.adamw_state_bytes == plain.adamw_state_bytes + gradients + mini_step_counters
+  as_passed_to_train_state = fira_jax.describe(multi.gradient_transformation(), PARAMS)
+  assert as_passed_to_train_state.adamw_state_bytes == report.adamw_state_bytes
 
 
 def test_an_optimizer_without_fira_projects_nothing():

@@ -154,3 +154,32 @@ def test_default_reports_a_leaf_of_three_dimensions_instead_of_guessing_its_axes
     fira_jax.fira_adamw(
       1e-3, rank=2, weight_dimension_numbers={"query": None, "w": FiraDimensionNumbers()}
     ).init(params)
+
+
+def test_stack_axes_apply_only_inside_the_stacked_norms_block():
+  # An unscanned (heads, head_dim, D) kernel next to 4 scanned layers, with heads == layers.
+  params = {
+    "params": {
+      "embed": {"embedding": jnp.zeros((50, 32))},
+      "blocks": {"norm": {"scale": jnp.zeros((4, 32))}, "up": {"kernel": jnp.zeros((4, 32, 64))}},
+      "pool": {"out": {"kernel": jnp.zeros((4, 8, 32))}},
+    }
+  }
+  specs = fira_jax.default_dimension_numbers(params)["params"]
+  assert specs["blocks"]["up"]["kernel"] == FiraDimensionNumbers(1, 2)  # one matrix per layer
+  assert specs["pool"]["out"]["kernel"] == FiraDimensionNumbers((0, 1), 2)  # one 32 × 32
+
+
+def test_vectors_with_axes_of_length_one_are_neither_projected_nor_reported():
+  params = {"embed": {"embedding": jnp.zeros((50, 32))}, "cls": jnp.zeros((1, 1, 32))}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert fira_jax.default_dimension_numbers(params)["cls"] is None
+
+
+def test_paths_helper_without_a_spec_skips_what_the_default_never_projects():
+  params = {"attn": {"query": {"kernel": jnp.zeros((32, 4, 8)), "bias": jnp.zeros((4, 8))}}}
+  params["embed"] = {"embedding": jnp.zeros((50, 32))}
+  specs = fira_jax.dimension_numbers_for_paths(r"ATTN|embed")(params)
+  assert specs["attn"]["query"]["kernel"] == FiraDimensionNumbers(0, (1, 2))
+  assert specs["attn"]["query"]["bias"] is None and specs["embed"]["embedding"] is None

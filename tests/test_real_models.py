@@ -14,6 +14,7 @@ import warnings
 import chex
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -188,3 +189,32 @@ def test_masked_fira_places_kernels_with_the_whole_trees_dimension_numbers():
     report = fira_jax.describe(tx, params)
   projected = {leaf.path for leaf in report.leaves if leaf.matrices is not None}
   assert projected == {f"['{k}']" for k in ATTENTION_AND_MLP["linen"]}
+
+
+def test_a_mask_mapped_through_linen_boxes_trains_like_the_unboxed_mask():
+  # x.ndim > 2 leaves the boxed embeddings out: optax.masked puts its MaskedNode in their box.
+  def run(params):
+    dims = fira_jax.default_dimension_numbers(params)  # of the whole tree, as documented
+    masked = optax.masked(
+      fira_jax.fira_adamw(1e-2, rank=RANK, weight_dimension_numbers=dims),
+      lambda p: jax.tree.map(lambda x: x.ndim > 2, p),
+    )
+    state = masked.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = jax.jit(masked.update)(grads, state, params)
+    return updates
+
+  boxed = run(linen_params())
+  chex.assert_trees_all_close(nn.unbox(boxed), run(nn.unbox(linen_params())))
+
+
+def test_moments_are_spread_only_over_a_kept_side_that_the_mesh_axes_divide():
+  d, vocab = 64, 50257  # an untied head: vocab is not a multiple of the sharded D
+  params = {
+    "head": {"kernel": nn.Partitioned(jnp.zeros((d, vocab)), names=("data", None))},
+    "mlp": {"kernel": nn.Partitioned(jnp.zeros((d, 4 * d)), names=("data", None))},
+  }
+  specs = nn.get_partition_spec(jax.eval_shape(fira_jax.fira_adamw(1e-3, rank=8).init, params))
+  mu = specs[0].base_optimizer_state.mu
+  assert mu["head"]["kernel"] == jax.P(None, None)  # (8, vocab): kept whole
+  assert mu["mlp"]["kernel"] == jax.P(None, "data")  # (8, 256): spread over the FSDP axis
