@@ -318,8 +318,10 @@ def _warn_not_placed(path, x: Any) -> None:
 
 
 def _placed_or_warned(path, x: Any, facts: _TreeFacts) -> FiraDimensionNumbers | None:
-  if not is_trainable(x) or sum(n > 1 for n in jnp.shape(x)) < 2:
-    return None  # a scalar or a vector, however many axes of length 1 it has
+  if jnp.ndim(x) < 2 or not is_trainable(x):
+    return None
+  if jnp.ndim(x) >= 3 and sum(n > 1 for n in jnp.shape(x)) < 2:
+    return None  # a vector with extra axes of length 1 (e.g. a (1, 1, D) class token)
   spec = _placed(path, tuple(jnp.shape(x)), facts)
   if spec is None and jnp.ndim(x) >= 3:
     _warn_not_placed(path, x)
@@ -332,8 +334,8 @@ def default_dimension_numbers(tree: Any) -> Any:
   Per float leaf of ``tree`` (Flax Linen or NNX parameters, boxed or not):
 
   * biases, norm scales and embedding tables (leaves named ``bias``, ``scale`` or with
-    ``embed`` in their name) are not projected, nor are vectors (leaves with fewer than
-    two axes longer than 1);
+    ``embed`` in their name) are not projected, nor are vectors (leaves of fewer than two
+    axes, or of three or more with at most one longer than 1);
   * stacked layers (``nn.scan``, ``nnx.scan``, ``nnx.vmap``) are recognised by their
     norm scales, which gain the same leading axes: in the norm's block (the leaves whose
     path starts with the norm module's parent) those axes are batch axes, one matrix per
