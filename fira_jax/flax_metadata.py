@@ -24,6 +24,7 @@ import jax
 import optax
 
 from fira_jax import boxes as boxes_lib
+from fira_jax import layout
 from fira_jax import sharding
 from fira_jax import state_tree
 from fira_jax import subspace
@@ -54,8 +55,7 @@ def boxed_state(state: Any, params: Any, seen: list) -> Any:
       spec = (None,) * x.ndim
       if x.ndim >= 2 and any(e is not None for e in names[i] or ()):
         warnings.warn(
-          f"optimizer state of shape {x.shape} for parameter"
-          f" {jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(plain)[0][i][0])}"
+          f"optimizer state of shape {x.shape} for {layout.leaf_names(plain)[i]}"
           f" (named {names[i]}) has no naming rule; its axes are left unnamed (replicated).",
           stacklevel=4,
         )
@@ -96,10 +96,11 @@ def keep_flax_metadata(
   def init_fn(params):
     if not boxes_lib.has_boxes(params):
       return tx.init(params)
-    treedef = jax.tree.structure(boxes_lib.unbox(params))
+    plain = boxes_lib.unbox(params)
     with subspace.recording_layouts() as records:
-      state = tx.init(boxes_lib.unbox(params))
-    return boxed_state(state, params, state_tree.layouts_by_parameter(records, treedef))
+      state = tx.init(plain)
+    seen = state_tree.layouts_by_parameter(records, jax.tree.structure(plain))
+    return boxed_state(state, params, seen)
 
   def update_fn(updates, state, params=None):
     if not boxes_lib.has_boxes(updates, state, params):
