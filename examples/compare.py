@@ -79,6 +79,8 @@ class Kind:
   optimizer: str  # train.Config.optimizer
   lrs: tuple[float, ...]  # the matrix-lr grid the search starts from
   options: tuple[tuple[str, object], ...] = ()  # other train.Config fields
+  # An A/B of one option: no search of its own, the named kind's best setting.
+  setting_of: str | None = None
 
 
 # Starting grids: centred where the previous comparison (examples/README.md) found each
@@ -89,6 +91,13 @@ class Kind:
 KINDS = {
   "adamw": Kind("AdamW, full rank", "adamw", (3e-4, 1e-3, 3e-3)),
   "fira": Kind("Fira (fira_adamw, SVD basis)", "fira", (3e-3, 1e-2, 3e-2)),
+  "fira-transfer": Kind(
+    "Fira, moments carried into each new basis (transfer_moments=True)",
+    "fira",
+    (),
+    (("transfer_moments", True),),
+    setting_of="fira",
+  ),
   "fira-random": Kind(
     "Fira, random basis (fira_adamw, projection='random')",
     "fira",
@@ -109,7 +118,13 @@ KINDS = {
 LADDER = tuple(float(f"{m}e{e}") for e in range(-5, 1) for m in (1, 3))[:-1]  # 1e-5, …, 0.3, 1
 START_EMBED_LR = 0.01  # the embeddings/head/norms lr every search starts from
 PAPER_LR = 0.01  # the paper's single setting (matrices and the rest)
-DIAGNOSED = ("fira", "fira-random", "fira-adafactor", "galore")  # kinds with the diagnostic
+DIAGNOSED = (
+  "fira",
+  "fira-transfer",
+  "fira-random",
+  "fira-adafactor",
+  "galore",
+)  # kinds with the diagnostic
 DIAGNOSTIC_BATCHES = 20  # the first half warms the state, the second half is measured
 COLORS = {kind: f"C{i}" for i, kind in enumerate(KINDS)}  # the same in every figure
 
@@ -167,6 +182,11 @@ class Plan:
     hidden = train.model_lib.make_config(args.model).hidden
     self.ranks = [hidden // 16, hidden // 8]  # hidden // 4 is the default rank
     self.seeds = list(range(args.seeds))
+    self.settings = getattr(args, "settings", None) or {}  # kind -> (lr, embed_lr)
+
+  def searched(self, kind: str) -> bool:
+    """Whether step 1 runs for ``kind`` (not for A/B kinds and kinds in ``--settings``)."""
+    return KINDS[kind].setting_of is None and kind not in self.settings
 
   def tried(self, kind: str, results: dict) -> dict[tuple[int, int], float]:
     """Seed-0 points of ``kind``'s search so far: (matrix rung, embed rung) -> loss."""
@@ -178,6 +198,11 @@ class Plan:
 
   def best(self, kind: str, results: dict) -> Run | None:
     """``kind``'s best seed-0 setting so far (None before any finite result)."""
+    if kind in self.settings:
+      return Run(kind, *self.settings[kind])
+    if KINDS[kind].setting_of is not None:
+      of = self.best(KINDS[kind].setting_of, results)
+      return None if of is None else dataclasses.replace(of, kind=kind)
     tried = {p: loss for p, loss in self.tried(kind, results).items() if math.isfinite(loss)}
     if not tried:
       return None
@@ -186,6 +211,8 @@ class Plan:
 
   def next_sweep_runs(self, kind: str, results: dict) -> list[Run]:
     """The next runs of ``kind``'s search, [] once it is done."""
+    if not self.searched(kind):
+      return []
     grid = KINDS[kind].lrs[1:2] if self.args.smoke else KINDS[kind].lrs
     j0 = rung(START_EMBED_LR)
     tried = self.tried(kind, results)
@@ -220,10 +247,10 @@ class Plan:
     best = {kind: run for kind, run in best.items() if run is not None}
     yield (
       "seeds",
-      [
+      [  # seed 0 ran in the search, where there was one
         dataclasses.replace(run, seed=s, diagnose=run.kind in DIAGNOSED)
         for run in best.values()
-        for s in self.seeds[1:]
+        for s in (self.seeds[1:] if self.searched(run.kind) else self.seeds)
       ],
     )
     yield (
@@ -484,6 +511,17 @@ def diag_cell(runs: list[dict], key: str) -> str:
 
 
 def search_table(kind: str, results: dict, plan: Plan) -> list[str]:
+  if not plan.searched(kind):
+    best = plan.best(kind, results)
+    source = (
+      f"the setting of {KINDS[kind].setting_of} (an A/B of one option)"
+      if KINDS[kind].setting_of
+      else f"from --settings {plan.args.settings_path}"
+    )
+    setting = (
+      "" if best is None else f"lr {best.lr:g}, embeddings/head/norms lr {best.embed_lr:g}, "
+    )
+    return [f"**{KINDS[kind].label}**: {setting}{source}, not searched here", ""]
   tried = plan.tried(kind, results)
   if not tried:
     return []
@@ -774,9 +812,38 @@ def plot_step_times(args, results: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def best_settings(args, results: dict, plan: Plan) -> dict:
+  """Each optimizer's setting whose search is done (or given), in ``--settings``' format."""
+  out = {}
+  for kind in args.kinds:
+    best = plan.best(kind, results)
+    if best is not None and not KINDS[kind].setting_of and plan.sweep_done(kind, results):
+      out[kind] = {"lr": best.lr, "embed_lr": best.embed_lr}
+  return out
+
+
+def read_settings(path: str) -> dict[str, tuple[float, float]]:
+  """``--settings``: {kind: {"lr": …, "embed_lr": …}} as written to best_settings.json."""
+  try:
+    raw = json.loads(pathlib.Path(path).read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise argparse.ArgumentTypeError(f"cannot read {path}: {e}") from e
+  settings = {}
+  for kind, setting in raw.items():
+    if kind not in KINDS or KINDS[kind].setting_of:
+      raise argparse.ArgumentTypeError(f"{path}: unknown optimizer {kind!r}")
+    lrs = tuple(setting.get(key) for key in ("lr", "embed_lr"))
+    if not all(isinstance(x, (int, float)) and x > 0 for x in lrs):
+      raise argparse.ArgumentTypeError(f"{path}: {kind} needs positive 'lr' and 'embed_lr'")
+    settings[kind] = lrs
+  return settings
+
+
 def write_outputs(args, results: dict, plan: Plan, pending: int) -> str:
   text = report(args, results, plan, pending)
   (args.out / "compare.md").write_text(text)
+  settings = json.dumps(best_settings(args, results, plan), indent=2) + "\n"
+  (args.out / "best_settings.json").write_text(settings)
   tag = f"`{args.model}`, {args.steps * args.batch_size * args.seq_len / 1e6:.2f}M tokens"
   pts = points(args, results, plan)
   plot_memory(pts, args.out / "memory.png", f"Validation loss against optimizer memory ({tag})")
@@ -849,12 +916,23 @@ def main(argv=None) -> str:
   parser.add_argument(
     "--confirm-seeds", type=int, default=2, help="seeds per optimizer on --confirm-model"
   )
+  parser.add_argument(
+    "--settings",
+    dest="settings_path",
+    default=None,
+    help="a best_settings.json of an earlier study: its optimizers keep those learning rates"
+    " instead of being searched (step 1), e.g. examples/compare_settings.json",
+  )
   parser.add_argument("--data", default=None, help="your own text instead of the stdlib sources")
   parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
   parser.add_argument(
     "--smoke", action="store_true", help="one lr per optimizer, no search (for tests)"
   )
   args = parser.parse_args(argv)
+  try:
+    args.settings = read_settings(args.settings_path) if args.settings_path else None
+  except argparse.ArgumentTypeError as e:
+    parser.error(f"--settings: {e}")
   # The trainer's own checks, on a draft of the runs' config, before anything is trained.
   problems = train.check_config(train_config(args, Run(kind="fira", lr=1e-3, embed_lr=1e-2)))
   if problems:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pathlib
 import re
 
 import compare  # examples/ (on sys.path through conftest.py)
@@ -23,6 +24,7 @@ from flax import nnx
 
 import fira_jax
 
+EXAMPLES = pathlib.Path(compare.__file__).parent
 SMALL = ["--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress"]
 
 
@@ -244,7 +246,10 @@ def test_compare_runs_every_optimizer_and_writes_the_tables_and_figures(tmp_path
   assert {r["kind"] for r in results.values()} == set(compare.KINDS)
   assert all(np.isfinite(r["final_eval_loss"]) for r in results.values())
   for kind in compare.KINDS.values():
-    assert f"**{kind.label}**: best lr" in text  # its search table
+    if kind.setting_of:  # an A/B of one option, at the other kind's setting
+      assert f"**{kind.label}**: lr 0.01, embeddings/head/norms lr 0.01, the setting of" in text
+    else:
+      assert f"**{kind.label}**: best lr" in text  # its search table
     row = next(line for line in text.splitlines() if line.startswith(f"| {kind.label} | "))
     assert re.search(r"\| \d+\.\d{3} \(n=1\) \| .* MiB \| [\d.]+× \| \d+ ms \|$", row), row
   # The rank sweep: ranks 8 and 16 (and the default 32), with Fira's residual share measured.
@@ -258,6 +263,11 @@ def test_compare_runs_every_optimizer_and_writes_the_tables_and_figures(tmp_path
   for figure in ("memory.png", "curves.png", "step_time.png"):
     assert (tmp_path / figure).stat().st_size > 20_000, figure
   assert (tmp_path / "compare.md").read_text() == text
+  written = json.loads((tmp_path / "best_settings.json").read_text())
+  assert set(written) == {k for k, kind in compare.KINDS.items() if not kind.setting_of}
+  assert compare.read_settings(str(tmp_path / "best_settings.json")) == {
+    k: (v["lr"], v["embed_lr"]) for k, v in written.items()
+  }
 
   # The larger scale, in parts: one run, then the rest; the tuning is not run again.
   confirm = [*common, "--seeds", "1", "--rank-sweep-kinds", "fira", "--rank-sweep-seeds", "1"]
@@ -319,6 +329,67 @@ def test_compare_search_stops_at_max_sweep_runs_and_counts_a_diverged_run_as_wor
   best = plan.best("adamw", results)
   assert best.lr == 1e-3  # 3e-3 diverged
   assert plan.next_sweep_runs("adamw", results) == []
+
+
+def test_compare_settings_replace_the_search_and_an_ab_kind_follows_its_base():
+  args = argparse.Namespace(
+    model="tiny",
+    seeds=3,
+    smoke=False,
+    max_sweep_runs=8,
+    settings={"adamw": (1e-3, 0.01)},
+    kinds=["adamw", "fira", "fira-transfer"],
+    rank_sweep_kinds=[],
+    rank_sweep_seeds=1,
+    confirm_model="3m",
+    confirm_seeds=2,
+  )
+  plan = compare.Plan(args)
+  assert plan.next_sweep_runs("adamw", {}) == [] == plan.next_sweep_runs("fira-transfer", {})
+  optimum = (compare.rung(3e-3), compare.rung(0.03))
+  results = fake_results(plan, lambda i, j: abs(i - optimum[0]) + abs(j - optimum[1]), "fira")
+  phases = dict(plan.phases(results))
+  assert "sweep" not in phases  # fira's search is done, the others have none
+  seeds = {(run.kind, run.lr, run.embed_lr, run.seed) for run in phases["seeds"]}
+  assert seeds == {
+    *(("adamw", 1e-3, 0.01, s) for s in range(3)),  # no search: seed 0 runs here
+    *(("fira", 3e-3, 0.03, s) for s in (1, 2)),  # seed 0 ran in the search
+    *(("fira-transfer", 3e-3, 0.03, s) for s in range(3)),
+  }
+  assert {(run.kind, run.model, run.seed) for run in phases["confirm"]} == {
+    (kind, "3m", s) for kind in args.kinds for s in range(2)
+  }
+  config = compare.train_config(
+    argparse.Namespace(
+      **vars(args),
+      steps=10,
+      batch_size=2,
+      seq_len=8,
+      eval_every=5,
+      eval_batches=1,
+      update_proj_gap=5,
+      data=None,
+    ),
+    phases["seeds"][-1],
+  )
+  assert (config.optimizer, config.transfer_moments) == ("fira", True)
+
+
+def test_compare_reads_the_shipped_settings_and_rejects_bad_ones(tmp_path, capsys):
+  shipped = compare.read_settings(str(EXAMPLES / "compare_settings.json"))
+  assert set(shipped) == {k for k, kind in compare.KINDS.items() if not kind.setting_of}
+  for text, message in (
+    ('{"adamx": {"lr": 0.1, "embed_lr": 0.1}}', "unknown optimizer 'adamx'"),
+    ('{"fira": {"lr": 0, "embed_lr": 0.1}}', "fira needs positive 'lr' and 'embed_lr'"),
+    ("{", "cannot read"),
+  ):
+    path = tmp_path / "settings.json"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+      compare.main(["--out", str(tmp_path / "run"), "--settings", str(path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_finetune_starts_every_optimizer_from_the_pretrained_weights(tmp_path, corpus_dir):
