@@ -238,13 +238,16 @@ class Plan:
   def phases(self, results: dict):
     """Yields (phase name, runs); reads ``results`` again before each yield."""
     kinds = self.args.kinds
-    while True:
+    while not self.args.confirm_only:
       runs = [run for kind in kinds for run in self.next_sweep_runs(kind, results)]
       if not runs:
         break
       yield "sweep", runs
     best = {kind: self.best(kind, results) for kind in kinds}
     best = {kind: run for kind, run in best.items() if run is not None}
+    if self.args.confirm_only:
+      yield "confirm", self.confirm_runs(best)
+      return
     yield (
       "seeds",
       [  # seed 0 ran in the search, where there was one
@@ -264,16 +267,18 @@ class Plan:
       ],
     )
     if self.args.confirm_model:
-      yield (
-        "confirm",
-        [
-          dataclasses.replace(
-            run, model=self.args.confirm_model, seed=s, diagnose=run.kind in DIAGNOSED
-          )
-          for run in best.values()
-          for s in range(self.args.confirm_seeds)
-        ],
+      yield "confirm", self.confirm_runs(best)
+
+  def confirm_runs(self, best: dict[str, Run]) -> list[Run]:
+    """Step 4: the best settings on ``--confirm-model``, seed by seed (all optimizers'
+    first seed before any second one, so a part of the study covers every optimizer)."""
+    return [
+      dataclasses.replace(
+        run, model=self.args.confirm_model, seed=s, diagnose=run.kind in DIAGNOSED
       )
+      for s in range(self.args.confirm_seeds)
+      for run in best.values()
+    ]
 
 
 def run_shape(args, run: Run) -> tuple[str, int, int, int]:
@@ -923,6 +928,11 @@ def main(argv=None) -> str:
     help="a best_settings.json of an earlier study: its optimizers keep those learning rates"
     " instead of being searched (step 1), e.g. examples/compare_settings.json",
   )
+  parser.add_argument(
+    "--confirm-only",
+    action="store_true",
+    help="run only step 4, from finished searches or --settings (needs --confirm-model)",
+  )
   parser.add_argument("--data", default=None, help="your own text instead of the stdlib sources")
   parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
   parser.add_argument(
@@ -951,6 +961,15 @@ def main(argv=None) -> str:
   results_path = args.out / "results.jsonl"
   results = load_results(results_path)
   plan = Plan(args)
+  if args.confirm_only:
+    unsettled = [k for k in args.kinds if plan.searched(k) and not plan.sweep_done(k, results)]
+    if not args.confirm_model:
+      parser.error("--confirm-only needs --confirm-model")
+    if unsettled:
+      parser.error(
+        f"--confirm-only: no finished search in {args.out} and no --settings entry for"
+        f" {', '.join(unsettled)}"
+      )
   new_runs = 0
   for phase, runs in plan.phases(results):
     pending = [run for run in runs if run.name not in results]

@@ -343,6 +343,7 @@ def test_compare_settings_replace_the_search_and_an_ab_kind_follows_its_base():
     rank_sweep_seeds=1,
     confirm_model="3m",
     confirm_seeds=2,
+    confirm_only=False,
   )
   plan = compare.Plan(args)
   assert plan.next_sweep_runs("adamw", {}) == [] == plan.next_sweep_runs("fira-transfer", {})
@@ -373,6 +374,11 @@ def test_compare_settings_replace_the_search_and_an_ab_kind_follows_its_base():
     phases["seeds"][-1],
   )
   assert (config.optimizer, config.transfer_moments) == ("fira", True)
+  # --confirm-only: step 4 alone, every optimizer's first seed before any second one.
+  args.confirm_only = True
+  phases = list(plan.phases(results))
+  assert [name for name, _ in phases] == ["confirm"]
+  assert [run.seed for run in phases[0][1]] == [0, 0, 0, 1, 1, 1]
 
 
 def test_compare_reads_the_shipped_settings_and_rejects_bad_ones(tmp_path, capsys):
