@@ -13,6 +13,8 @@ Every optimizer trains the same model on the same batches, seeds, token budget a
    edge extends the grid), at most ``--max-sweep-runs`` runs per optimizer. A run whose loss
    becomes NaN counts as diverged (worse than any finite loss).
 2. Each optimizer's best setting rerun on ``--seeds`` seeds: mean ± standard deviation.
+   ``fira-transfer`` (Fira with ``transfer_moments=True``) is an A/B of one option: it has
+   no search and runs at Fira's best setting.
 3. Rank sweep (hidden/16, hidden/8; hidden/4 is step 2) for ``--rank-sweep-kinds`` at their
    best setting on ``--rank-sweep-seeds`` seeds. Runs of Fira and GaLore in steps 2-4 end
    with a diagnostic: at the final weights, Fira's pieces (``fira_jax.subspace_projection``,
@@ -23,15 +25,25 @@ Every optimizer trains the same model on the same batches, seeds, token budget a
    residual, ‖S‖/‖u‖, and the share of the gradient's norm inside the subspace, ‖PᵀG‖/‖G‖.
 4. With ``--confirm-model``: each optimizer's best setting from step 1, unchanged, on the
    larger model (``--confirm-steps`` × ``--confirm-batch-size`` sequences, 2.05M tokens by
-   default) and ``--confirm-seeds`` seeds.
+   default) and ``--confirm-seeds`` seeds, every optimizer's first seed before any second.
+
+Each call writes ``best_settings.json``, the settings its searches found. ``--settings FILE``
+takes an optimizer's setting from such a file instead of searching for it (its seed 0 then
+runs in step 2); ``examples/compare_settings.json`` holds the ones the ``tiny`` study found.
+``--confirm-only`` runs step 4 alone.
 
 The whole study is resumable and runs in parts: each call continues where the last one
-stopped, ``--max-runs`` sets the size of a part. On 2 CPU cores a run takes 39-50 s at the
-defaults (``tiny``, 500 steps × 8 × 128) and 4.8-6.5 min on a 3.3M-parameter model at
-1000 steps × 16 × 128; steps 1-3 are about 90 runs (65 min), step 4 is 18 runs (105 min):
+stopped, ``--max-runs`` sets the size of a part. On 2 CPU cores a run takes 0.7-1.6 min at
+the defaults (``tiny``, 500 steps × 8 × 128) and 5-11 min on a 3.3M-parameter model at
+1000 steps × 16 × 128, depending on the machine; steps 1-3 are about 90 runs, step 4 is 20:
 
-    python examples/compare.py --max-runs 20    # ~15 min; repeat until it prints the tables
-    python examples/compare.py --confirm-model 3m --max-runs 4    # ~25 min; repeat
+    python examples/compare.py --max-runs 20    # repeat until it prints the tables
+    python examples/compare.py --confirm-model 3m --max-runs 4    # repeat
+
+or, for the larger model alone at the shipped settings:
+
+    python examples/compare.py --confirm-model 3m --confirm-only \\
+      --settings examples/compare_settings.json --max-runs 4
 
 where ``3m`` (hidden 256, ffn 688, 4 heads, 4 layers) has 3.30M parameters with the
 byte-level vocabulary.
