@@ -570,6 +570,44 @@ def search_table(kind: str, results: dict, plan: Plan) -> list[str]:
   return [*lines, ""]
 
 
+def ab_tables(args, results: dict, plan: Plan) -> list[str]:
+  """Each A/B kind against its base at the same setting, paired by seed, at every scale."""
+  lines = []
+  for kind in args.kinds:
+    of = KINDS[kind].setting_of
+    best = plan.best(kind, results)
+    if of is None or of not in args.kinds or best is None:
+      continue
+    lines += [
+      "",
+      f"### A/B: {KINDS[kind].label} against {KINDS[of].label}",
+      "",
+      "The same setting, seeds and batches; the difference is paired by seed (negative: the"
+      " option is better). A gain counts only beyond the seed spread of the base.",
+      "",
+      "| model | seeds | base | with the option | difference (paired) | base's seed std |",
+      "|---|---|---|---|---|---|",
+    ]
+    for model in [None] + ([args.confirm_model] if args.confirm_model else []):
+      base = {r["seed"]: loss_of(r) for r in group(results, of, best.lr, best.embed_lr, 0, model)}
+      ab = {r["seed"]: loss_of(r) for r in group(results, kind, best.lr, best.embed_lr, 0, model)}
+      seeds = sorted(set(base) & set(ab))
+      if not seeds:
+        continue
+      diffs = [ab[s] - base[s] for s in seeds]
+      spread = np.std(list(base.values()), ddof=1) if len(base) > 1 else math.nan
+      diff = (
+        f"{np.mean(diffs):+.4f} ± {np.std(diffs, ddof=1):.4f}"
+        if len(diffs) > 1
+        else f"{diffs[0]:+.4f}"
+      )
+      lines.append(
+        f"| {model or args.model} | {len(seeds)} | {mean_std([base[s] for s in seeds])} |"
+        f" {mean_std([ab[s] for s in seeds])} | {diff} | {spread:.4f} |"
+      )
+  return lines
+
+
 def model_sizes(results: dict, model: str | None) -> tuple[int | None, int | None]:
   """(parameters, AdamW's state bytes) of the model at a scale (None: the sweep's), read from a
   run without LoRA adapters."""
@@ -673,6 +711,8 @@ def report(args, results: dict, plan: Plan, pending: int) -> str:
       + ", ".join(point_label(p) for p in front)
       + ".",
     ]
+
+  lines += ab_tables(args, results, plan)
 
   if args.confirm_model:
     confirm = points(args, results, plan, model=args.confirm_model)

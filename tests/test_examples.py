@@ -260,6 +260,10 @@ def test_compare_runs_every_optimizer_and_writes_the_tables_and_figures(tmp_path
     share = float(row.split(" | ")[4])
     assert 0 < share < 1, row
   assert "Pareto front" in text
+  ab = text[text.index("### A/B: Fira, moments carried") :].splitlines()
+  assert any(
+    re.match(r"\| tiny \| 1 \| \d\.\d{3} \(n=1\) \| \d\.\d{3} \(n=1\) \| [+-]\d", r) for r in ab
+  )
   for figure in ("memory.png", "curves.png", "step_time.png"):
     assert (tmp_path / figure).stat().st_size > 20_000, figure
   assert (tmp_path / "compare.md").read_text() == text
