@@ -13,8 +13,6 @@ Every optimizer trains the same model on the same batches, seeds, token budget a
    edge extends the grid), at most ``--max-sweep-runs`` runs per optimizer. A run whose loss
    becomes NaN counts as diverged (worse than any finite loss).
 2. Each optimizer's best setting rerun on ``--seeds`` seeds: mean ± standard deviation.
-   ``fira-transfer`` (Fira with ``transfer_moments=True``) is an A/B of one option: it has
-   no search and runs at Fira's best setting.
 3. Rank sweep (hidden/16, hidden/8; hidden/4 is step 2) for ``--rank-sweep-kinds`` at their
    best setting on ``--rank-sweep-seeds`` seeds. Runs of Fira and GaLore in steps 2-4 end
    with a diagnostic: at the final weights, Fira's pieces (``fira_jax.subspace_projection``,
@@ -91,8 +89,6 @@ class Kind:
   optimizer: str  # train.Config.optimizer
   lrs: tuple[float, ...]  # the matrix-lr grid the search starts from
   options: tuple[tuple[str, object], ...] = ()  # other train.Config fields
-  # An A/B of one option: no search of its own, the named kind's best setting.
-  setting_of: str | None = None
 
 
 # Starting grids: centred where the previous comparison (examples/README.md) found each
@@ -103,13 +99,6 @@ class Kind:
 KINDS = {
   "adamw": Kind("AdamW, full rank", "adamw", (3e-4, 1e-3, 3e-3)),
   "fira": Kind("Fira (fira_adamw, SVD basis)", "fira", (3e-3, 1e-2, 3e-2)),
-  "fira-transfer": Kind(
-    "Fira, moments carried into each new basis (transfer_moments=True)",
-    "fira",
-    (),
-    (("transfer_moments", True),),
-    setting_of="fira",
-  ),
   "fira-random": Kind(
     "Fira, random basis (fira_adamw, projection='random')",
     "fira",
@@ -130,13 +119,7 @@ KINDS = {
 LADDER = tuple(float(f"{m}e{e}") for e in range(-5, 1) for m in (1, 3))[:-1]  # 1e-5, …, 0.3, 1
 START_EMBED_LR = 0.01  # the embeddings/head/norms lr every search starts from
 PAPER_LR = 0.01  # the paper's single setting (matrices and the rest)
-DIAGNOSED = (
-  "fira",
-  "fira-transfer",
-  "fira-random",
-  "fira-adafactor",
-  "galore",
-)  # kinds with the diagnostic
+DIAGNOSED = ("fira", "fira-random", "fira-adafactor", "galore")  # kinds with the diagnostic
 DIAGNOSTIC_BATCHES = 20  # the first half warms the state, the second half is measured
 COLORS = {kind: f"C{i}" for i, kind in enumerate(KINDS)}  # the same in every figure
 
@@ -197,8 +180,8 @@ class Plan:
     self.settings = getattr(args, "settings", None) or {}  # kind -> (lr, embed_lr)
 
   def searched(self, kind: str) -> bool:
-    """Whether step 1 runs for ``kind`` (not for A/B kinds and kinds in ``--settings``)."""
-    return KINDS[kind].setting_of is None and kind not in self.settings
+    """Whether step 1 runs for ``kind`` (not for kinds in ``--settings``)."""
+    return kind not in self.settings
 
   def tried(self, kind: str, results: dict) -> dict[tuple[int, int], float]:
     """Seed-0 points of ``kind``'s search so far: (matrix rung, embed rung) -> loss."""
@@ -212,9 +195,6 @@ class Plan:
     """``kind``'s best seed-0 setting so far (None before any finite result)."""
     if kind in self.settings:
       return Run(kind, *self.settings[kind])
-    if KINDS[kind].setting_of is not None:
-      of = self.best(KINDS[kind].setting_of, results)
-      return None if of is None else dataclasses.replace(of, kind=kind)
     tried = {p: loss for p, loss in self.tried(kind, results).items() if math.isfinite(loss)}
     if not tried:
       return None
@@ -530,11 +510,7 @@ def diag_cell(runs: list[dict], key: str) -> str:
 def search_table(kind: str, results: dict, plan: Plan) -> list[str]:
   if not plan.searched(kind):
     best = plan.best(kind, results)
-    source = (
-      f"the setting of {KINDS[kind].setting_of} (an A/B of one option)"
-      if KINDS[kind].setting_of
-      else f"from --settings {plan.args.settings_path}"
-    )
+    source = f"from --settings {plan.args.settings_path}"
     setting = (
       "" if best is None else f"lr {best.lr:g}, embeddings/head/norms lr {best.embed_lr:g}, "
     )
@@ -568,44 +544,6 @@ def search_table(kind: str, results: dict, plan: Plan) -> list[str]:
       cells.append(text)
     lines.append(f"| {LADDER[i]:g} | " + " | ".join(cells) + " |")
   return [*lines, ""]
-
-
-def ab_tables(args, results: dict, plan: Plan) -> list[str]:
-  """Each A/B kind against its base at the same setting, paired by seed, at every scale."""
-  lines = []
-  for kind in args.kinds:
-    of = KINDS[kind].setting_of
-    best = plan.best(kind, results)
-    if of is None or of not in args.kinds or best is None:
-      continue
-    lines += [
-      "",
-      f"### A/B: {KINDS[kind].label} against {KINDS[of].label}",
-      "",
-      "The same setting, seeds and batches; the difference is paired by seed (negative: the"
-      " option is better). A gain counts only beyond the seed spread of the base.",
-      "",
-      "| model | seeds | base | with the option | difference (paired) | base's seed std |",
-      "|---|---|---|---|---|---|",
-    ]
-    for model in [None] + ([args.confirm_model] if args.confirm_model else []):
-      base = {r["seed"]: loss_of(r) for r in group(results, of, best.lr, best.embed_lr, 0, model)}
-      ab = {r["seed"]: loss_of(r) for r in group(results, kind, best.lr, best.embed_lr, 0, model)}
-      seeds = sorted(set(base) & set(ab))
-      if not seeds:
-        continue
-      diffs = [ab[s] - base[s] for s in seeds]
-      spread = np.std(list(base.values()), ddof=1) if len(base) > 1 else math.nan
-      diff = (
-        f"{np.mean(diffs):+.4f} ± {np.std(diffs, ddof=1):.4f}"
-        if len(diffs) > 1
-        else f"{diffs[0]:+.4f}"
-      )
-      lines.append(
-        f"| {model or args.model} | {len(seeds)} | {mean_std([base[s] for s in seeds])} |"
-        f" {mean_std([ab[s] for s in seeds])} | {diff} | {spread:.4f} |"
-      )
-  return lines
 
 
 def model_sizes(results: dict, model: str | None) -> tuple[int | None, int | None]:
@@ -711,8 +649,6 @@ def report(args, results: dict, plan: Plan, pending: int) -> str:
       + ", ".join(point_label(p) for p in front)
       + ".",
     ]
-
-  lines += ab_tables(args, results, plan)
 
   if args.confirm_model:
     confirm = points(args, results, plan, model=args.confirm_model)
@@ -874,7 +810,7 @@ def best_settings(args, results: dict, plan: Plan) -> dict:
   out = {}
   for kind in args.kinds:
     best = plan.best(kind, results)
-    if best is not None and not KINDS[kind].setting_of and plan.sweep_done(kind, results):
+    if best is not None and plan.sweep_done(kind, results):
       out[kind] = {"lr": best.lr, "embed_lr": best.embed_lr}
   return out
 
@@ -887,7 +823,7 @@ def read_settings(path: str) -> dict[str, tuple[float, float]]:
     raise argparse.ArgumentTypeError(f"cannot read {path}: {e}") from e
   settings = {}
   for kind, setting in raw.items():
-    if kind not in KINDS or KINDS[kind].setting_of:
+    if kind not in KINDS:
       raise argparse.ArgumentTypeError(f"{path}: unknown optimizer {kind!r}")
     lrs = tuple(setting.get(key) for key in ("lr", "embed_lr"))
     if not all(isinstance(x, (int, float)) and x > 0 for x in lrs):

@@ -127,7 +127,6 @@ def _build(config, model_config: LlamaConfig) -> optax.GradientTransformation:
       norm_growth_limit=config.norm_growth_limit,
       scaling=config.scaling,
       formulation=config.formulation,
-      transfer_moments=config.transfer_moments,
       **low_rank,
     )
   if name == "galore":

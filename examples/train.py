@@ -61,7 +61,6 @@ class Config:
   projection: str = "svd"  # projector basis: svd (reference) | randomized_svd | random
   projection_seed: int = 0  # seed of randomized/random bases
   staggered_refresh: bool = False  # spread projector refreshes over the gap (no refresh stall)
-  transfer_moments: bool = False  # fira: rotate Adam's moments into each new basis (LDAdam)
   lora_rank: int | None = None  # lora: adapter rank, positive; None means --rank (or hidden / 4)
   # data
   data: str | None = None  # a .txt/.jsonl file or folder; default: the stdlib sources
@@ -154,8 +153,6 @@ def check_config(config: Config) -> list[str]:
         problems.append(f"--batch-size {config.batch_size} must divide over the --mesh devices")
     except ValueError as e:
       problems.append(str(e))
-  if config.transfer_moments and config.optimizer != "fira":
-    problems.append(f"--transfer-moments needs --optimizer fira, got {config.optimizer}")
   if config.stop_after is not None and config.stop_after <= 0:
     problems.append(f"--stop-after must be positive, got {config.stop_after}")
   return problems

@@ -120,7 +120,6 @@ def fira_adamw(
   projection: bases.Projection = "svd",
   projection_seed: int = 0,
   staggered_refresh: bool = False,
-  transfer_moments: bool = False,
 ) -> optax.GradientTransformation:
   r"""Fira with AdamW: low-rank Adam state, full-rank updates.
 
@@ -167,8 +166,6 @@ def fira_adamw(
     projection_seed: seed of the randomized and random bases.
     staggered_refresh: spread projector refreshes evenly over the gap instead
       of refreshing every matrix on the same step; see :func:`scale_by_fira`.
-    transfer_moments: rotate Adam's moments into the new basis at each
-      refresh (LDAdam's rule; off in the reference); see :func:`scale_by_fira`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -214,7 +211,6 @@ def fira_adamw(
       projection=projection,
       projection_seed=projection_seed,
       staggered_refresh=staggered_refresh,
-      transfer_moments=transfer_moments,
     ),
     learning_rate,
     weight_decay,

@@ -21,7 +21,6 @@ from fira_jax import checks
 from fira_jax import explicit_sharding
 from fira_jax import flax_metadata
 from fira_jax import layout as layout_lib
-from fira_jax import moment_transfer
 from fira_jax import refresh
 from fira_jax import scaling as scaling_lib
 from fira_jax import step
@@ -64,7 +63,6 @@ def scale_by_fira(
   projection: bases.Projection = "svd",
   projection_seed: int = 0,
   staggered_refresh: bool = False,
-  transfer_moments: bool = False,
 ) -> optax.GradientTransformation:
   r"""Fira's learning-rate-free update: subspace optimizer plus scaled residual.
 
@@ -135,11 +133,6 @@ def scale_by_fira(
       ``t ≡ ⌊j T / M⌋ (mod T)``, still once per gap, so the refresh work is
       spread evenly across steps. Trajectories differ from the reference's
       (each matrix's basis is up to ``T`` steps older or newer).
-    transfer_moments: False (the reference): a refresh leaves Adam's moments in
-      the old basis's coordinates. True: each refreshed matrix's moments are
-      rotated into the new basis by ``P_newᵀ P_old``, as LDAdam does (the rule is in
-      :mod:`fira_jax.moment_transfer`). Needs the default base optimizer and a
-      stored basis (not ``projection="random"``).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`FiraState`.
@@ -197,16 +190,6 @@ def scale_by_fira(
       b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype
     )
   correct_step_size = "b1" in hyperparams
-  if transfer_moments and not correct_step_size:
-    raise ValueError(
-      "scale_by_fira: transfer_moments=True rotates the default Adam's moments; it cannot"
-      " be combined with a base_optimizer."
-    )
-  if transfer_moments and projection == "random":
-    raise ValueError(
-      "scale_by_fira: transfer_moments=True needs a stored basis (projection='svd' or"
-      " 'randomized_svd'); projection='random' keeps none to rotate from."
-    )
   stores_projector = projection != "random"
   use_limiter = residual and norm_growth_limit is not None
 
@@ -261,14 +244,8 @@ def scale_by_fira(
       staggered=staggered_refresh,
     )
     low_rank = {i: rj for (i, _), rj in zip(pairs, r, strict=True)}
-    base_state = state.base_optimizer_state
-    if transfer_moments:
-      old = [lay.matrix.to_batched(stored_projectors[i]) for i, lay in pairs]
-      base_state = moment_transfer.transfer(
-        base_state, treedef, pairs, old, p, state.count, hp["b1"], hp["b2"]
-      )
     base_outputs, base_state = base.update(
-      subspace.low_rank_inputs(updates, layouts, low_rank), base_state, None
+      subspace.low_rank_inputs(updates, layouts, low_rank), state.base_optimizer_state, None
     )
     base_outputs = treedef.flatten_up_to(base_outputs)
     new_leaves = [
