@@ -32,7 +32,7 @@ runs in step 2); ``examples/compare_settings.json`` holds the ones the ``tiny`` 
 
 The whole study is resumable and runs in parts: each call continues where the last one
 stopped, ``--max-runs`` sets the size of a part. On 2 CPU cores a run takes 0.7-1.6 min at
-the defaults (``tiny``, 500 steps × 8 × 128) and 5-11 min on a 3.3M-parameter model at
+the defaults (``tiny``, 500 steps × 8 × 128) and 5-14 min on a 3.3M-parameter model at
 1000 steps × 16 × 128, depending on the machine; steps 1-3 are about 90 runs, step 4 is 20:
 
     python examples/compare.py --max-runs 20    # repeat until it prints the tables
