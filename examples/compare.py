@@ -33,7 +33,7 @@ runs in step 2); ``examples/compare_settings.json`` holds the ones the ``tiny`` 
 The whole study is resumable and runs in parts: each call continues where the last one
 stopped, ``--max-runs`` sets the size of a part. On 2 CPU cores a run takes 0.7-1.6 min at
 the defaults (``tiny``, 500 steps × 8 × 128) and 5-14 min on a 3.3M-parameter model at
-1000 steps × 16 × 128, depending on the machine; steps 1-3 are about 90 runs, step 4 is 20:
+1000 steps × 16 × 128, depending on the machine; steps 1-3 are about 90 runs, step 4 is 18:
 
     python examples/compare.py --max-runs 20    # repeat until it prints the tables
     python examples/compare.py --confirm-model 3m --max-runs 4    # repeat
@@ -177,7 +177,7 @@ class Plan:
     hidden = train.model_lib.make_config(args.model).hidden
     self.ranks = [hidden // 16, hidden // 8]  # hidden // 4 is the default rank
     self.seeds = list(range(args.seeds))
-    self.settings = getattr(args, "settings", None) or {}  # kind -> (lr, embed_lr)
+    self.settings = args.settings or {}  # kind -> (lr, embed_lr)
 
   def searched(self, kind: str) -> bool:
     """Whether step 1 runs for ``kind`` (not for kinds in ``--settings``)."""
@@ -193,7 +193,7 @@ class Plan:
 
   def best(self, kind: str, results: dict) -> Run | None:
     """``kind``'s best seed-0 setting so far (None before any finite result)."""
-    if kind in self.settings:
+    if not self.searched(kind):
       return Run(kind, *self.settings[kind])
     tried = {p: loss for p, loss in self.tried(kind, results).items() if math.isfinite(loss)}
     if not tried:
@@ -510,11 +510,11 @@ def diag_cell(runs: list[dict], key: str) -> str:
 def search_table(kind: str, results: dict, plan: Plan) -> list[str]:
   if not plan.searched(kind):
     best = plan.best(kind, results)
-    source = f"from --settings {plan.args.settings_path}"
-    setting = (
-      "" if best is None else f"lr {best.lr:g}, embeddings/head/norms lr {best.embed_lr:g}, "
-    )
-    return [f"**{KINDS[kind].label}**: {setting}{source}, not searched here", ""]
+    return [
+      f"**{KINDS[kind].label}**: lr {best.lr:g}, embeddings/head/norms lr {best.embed_lr:g},"
+      f" from --settings {plan.args.settings_path}, not searched here",
+      "",
+    ]
   tried = plan.tried(kind, results)
   if not tried:
     return []
@@ -821,11 +821,15 @@ def read_settings(path: str) -> dict[str, tuple[float, float]]:
     raw = json.loads(pathlib.Path(path).read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise argparse.ArgumentTypeError(f"cannot read {path}: {e}") from e
+  if not isinstance(raw, dict):
+    raise argparse.ArgumentTypeError(f"{path}: expected an object of optimizers")
   settings = {}
   for kind, setting in raw.items():
     if kind not in KINDS:
       raise argparse.ArgumentTypeError(f"{path}: unknown optimizer {kind!r}")
-    lrs = tuple(setting.get(key) for key in ("lr", "embed_lr"))
+    lrs = tuple(
+      setting.get(key) if isinstance(setting, dict) else None for key in ("lr", "embed_lr")
+    )
     if not all(isinstance(x, (int, float)) and x > 0 for x in lrs):
       raise argparse.ArgumentTypeError(f"{path}: {kind} needs positive 'lr' and 'embed_lr'")
     settings[kind] = lrs
@@ -945,7 +949,6 @@ def main(argv=None) -> str:
   ):
     if getattr(args, flag) < 1:
       parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-  args.out.mkdir(parents=True, exist_ok=True)
   results_path = args.out / "results.jsonl"
   results = load_results(results_path)
   plan = Plan(args)
@@ -958,6 +961,7 @@ def main(argv=None) -> str:
         f"--confirm-only: no finished search in {args.out} and no --settings entry for"
         f" {', '.join(unsettled)}"
       )
+  args.out.mkdir(parents=True, exist_ok=True)
   new_runs = 0
   for phase, runs in plan.phases(results):
     pending = [run for run in runs if run.name not in results]

@@ -301,7 +301,9 @@ def fake_results(plan, loss, kind="adamw"):
 
 def search_plan(max_sweep_runs):
   return compare.Plan(
-    argparse.Namespace(model="tiny", seeds=3, smoke=False, max_sweep_runs=max_sweep_runs)
+    argparse.Namespace(
+      model="tiny", seeds=3, smoke=False, max_sweep_runs=max_sweep_runs, settings=None
+    )
   )
 
 
@@ -372,6 +374,8 @@ def test_compare_reads_the_shipped_settings_and_rejects_bad_ones(tmp_path, capsy
     ('{"adamx": {"lr": 0.1, "embed_lr": 0.1}}', "unknown optimizer 'adamx'"),
     ('{"fira": {"lr": 0, "embed_lr": 0.1}}', "fira needs positive 'lr' and 'embed_lr'"),
     ("{", "cannot read"),
+    ("[1]", "expected an object of optimizers"),
+    ('{"fira": 0.01}', "fira needs positive 'lr' and 'embed_lr'"),
   ):
     path = tmp_path / "settings.json"
     path.write_text(text)
@@ -450,6 +454,12 @@ def test_finetune_rejects_bad_flags_before_training(tmp_path, capsys, flags, mes
     (compare, ["--batch-size", "-1"], "--batch-size must be positive, got -1"),
     (compare, ["--rank-sweep-seeds", "0"], "--rank-sweep-seeds must be at least 1, got 0"),
     (compare, ["--model", "huge"], "invalid choice: 'huge'"),
+    (compare, ["--confirm-only"], "--confirm-only needs --confirm-model"),
+    (
+      compare,
+      ["--confirm-only", "--confirm-model", "3m", "--kinds", "adamw"],
+      "no finished search in",
+    ),
   ],
 )
 def test_pretrain_and_compare_reject_bad_flags_before_training(
