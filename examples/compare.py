@@ -660,8 +660,8 @@ def report(args, results: dict, plan: Plan, pending: int) -> str:
       f"### The larger model: `{args.confirm_model}`"
       + (f" ({cparams / 1e6:.2f}M parameters)" if cparams else "")
       + f", {args.confirm_steps} steps × {args.confirm_batch_size} × {args.seq_len} tokens"
-      f" ({ctokens / 1e6:.2f}M tokens), rank {c.hidden // 4}, each optimizer at its best"
-      f" setting from `{args.model}`",
+      f" ({ctokens / 1e6:.2f}M tokens), rank {c.hidden // 4}, each optimizer at"
+      f" {setting_source(args)}",
       "",
       "| optimizer | lr (matrices) | lr (embeddings/head/norms) | validation loss |"
       " optimizer state | vs AdamW | step time | ‖S‖/‖u‖ |",
@@ -836,6 +836,16 @@ def read_settings(path: str) -> dict[str, tuple[float, float]]:
   return settings
 
 
+def setting_source(args, short: bool = False) -> str:
+  """Where step 4's settings come from, for its table (and, short, its figure's title)."""
+  if short:
+    return pathlib.Path(args.settings_path).name if args.settings_path else f"`{args.model}`"
+  source = f"its best setting from `{args.model}`"
+  if args.settings_path:
+    source += f" or from --settings {args.settings_path}"
+  return source
+
+
 def write_outputs(args, results: dict, plan: Plan, pending: int) -> str:
   text = report(args, results, plan, pending)
   (args.out / "compare.md").write_text(text)
@@ -858,7 +868,7 @@ def write_outputs(args, results: dict, plan: Plan, pending: int) -> str:
     plot_curves(
       cpts,
       args.out / f"curves_{args.confirm_model}.png",
-      f"Best settings from `{args.model}` ({ctag})",
+      f"Settings from {setting_source(args, short=True)} ({ctag})",
     )
   return text
 

@@ -277,6 +277,7 @@ def test_compare_runs_every_optimizer_and_writes_the_tables_and_figures(tmp_path
   assert len(compare.load_results(tmp_path / "results.jsonl")) == len(results) + 2
   larger = text[text.index("### The larger model") :]
   assert "4 steps × 2 × 32 tokens" in larger
+  assert larger.splitlines()[0].endswith("each optimizer at its best setting from `tiny`")
   for kind in ("adamw", "fira-adafactor"):
     assert f"| {compare.KINDS[kind].label} | " in larger
   assert (tmp_path / "memory_tiny.png").stat().st_size > 20_000
@@ -365,6 +366,13 @@ def test_compare_settings_replace_the_search_for_their_optimizers_only():
   phases = list(plan.phases(results))
   assert [name for name, _ in phases] == ["confirm"]
   assert [run.seed for run in phases[0][1]] == [0, 0, 0, 1, 1, 1]
+
+
+def test_compare_larger_model_heading_names_the_settings_file_its_settings_came_from():
+  path = "examples/compare_settings.json"
+  args = argparse.Namespace(model="tiny", settings_path=path)
+  assert compare.setting_source(args) == f"its best setting from `tiny` or from --settings {path}"
+  assert compare.setting_source(args, short=True) == "compare_settings.json"
 
 
 def test_compare_reads_the_shipped_settings_and_rejects_bad_ones(tmp_path, capsys):
