@@ -555,8 +555,8 @@ def model_sizes(results: dict, model: str | None) -> tuple[int | None, int | Non
   return None, None
 
 
-def edge_note(tried: dict, i: int, j: int) -> str:
-  missing = [
+def untried_neighbours(tried: dict, i: int, j: int) -> list[str]:
+  return [
     name
     for name, p in (
       ("lower lr", (i - 1, j)),
@@ -564,9 +564,26 @@ def edge_note(tried: dict, i: int, j: int) -> str:
       ("lower embed lr", (i, j - 1)),
       ("higher embed lr", (i, j + 1)),
     )
-    if p not in tried
+    if p not in tried and 0 <= p[0] < len(LADDER) and 0 <= p[1] < len(LADDER)
   ]
+
+
+def edge_note(tried: dict, i: int, j: int) -> str:
+  missing = untried_neighbours(tried, i, j)
   return f" (not tried: {', '.join(missing)})" if missing else " (a neighbour tried on every side)"
+
+
+def capped_searches(results: dict, plan: Plan) -> dict[str, list[str]]:
+  """Finished searches whose best has an untried neighbour: --max-sweep-runs cut them short."""
+  out = {}
+  for kind in plan.args.kinds:
+    best = plan.best(kind, results)
+    if best is None or not plan.searched(kind) or not plan.sweep_done(kind, results):
+      continue
+    missing = untried_neighbours(plan.tried(kind, results), rung(best.lr), rung(best.embed_lr))
+    if missing:
+      out[kind] = missing
+  return out
 
 
 def report(args, results: dict, plan: Plan, pending: int) -> str:
@@ -900,7 +917,11 @@ def main(argv=None) -> str:
     help=f"optimizers to compare (default: {','.join(KINDS)})",
   )
   parser.add_argument(
-    "--max-sweep-runs", type=int, default=8, help="lr-search runs per optimizer, at most"
+    "--max-sweep-runs",
+    type=int,
+    default=16,
+    help="lr-search runs per optimizer, at most (a cap on runaway searches; a search it"
+    " stops with the best at an edge is warned about and marked in compare.md)",
   )
   parser.add_argument("--seeds", type=int, default=3, help="seeds at each best setting (>= 1)")
   parser.add_argument(
@@ -990,6 +1011,13 @@ def main(argv=None) -> str:
       )
   text = write_outputs(args, results, plan, 0)
   print(text)
+  for kind, missing in capped_searches(results, plan).items():
+    print(
+      f"warning: {kind}'s search stopped at --max-sweep-runs {args.max_sweep_runs} with its"
+      f" best at an edge (not tried: {', '.join(missing)}); raise --max-sweep-runs and run"
+      " again to settle it",
+      file=sys.stderr,
+    )
   print(f"wrote {args.out / 'compare.md'}, memory.png, curves.png and step_time.png")
   return text
 

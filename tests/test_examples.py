@@ -331,6 +331,17 @@ def test_compare_search_stops_at_max_sweep_runs_and_counts_a_diverged_run_as_wor
   assert plan.next_sweep_runs("adamw", results) == []
 
 
+def test_compare_names_a_search_the_run_cap_cut_short_with_its_best_at_an_edge():
+  optimum = (compare.rung(3e-5), compare.rung(0.1))  # far from AdamW's start
+  loss = lambda i, j: abs(i - optimum[0]) + abs(j - optimum[1])
+  capped, uncapped = search_plan(max_sweep_runs=8), search_plan(max_sweep_runs=30)
+  for plan in (capped, uncapped):
+    plan.args.kinds = ["adamw"]
+  cut = compare.capped_searches(fake_results(capped, loss), capped)
+  assert set(cut) == {"adamw"} and cut["adamw"]  # names the untried sides
+  assert compare.capped_searches(fake_results(uncapped, loss), uncapped) == {}
+
+
 def test_compare_settings_replace_the_search_for_their_optimizers_only():
   args = argparse.Namespace(
     model="tiny",
