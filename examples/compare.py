@@ -49,7 +49,8 @@ byte-level vocabulary.
 Runs are recorded one per line in ``--out``/``results.jsonl`` as they finish. Writes
 ``compare.md`` (the tables), ``memory.png`` (validation loss against optimizer-state MiB,
 error bars over seeds, the Pareto front), ``curves.png`` (training and validation loss),
-``step_time.png`` and, for the larger model, ``memory_MODEL.png`` and ``curves_MODEL.png``.
+``step_time.png`` and, for the larger model, ``memory_MODEL.png`` and ``curves_MODEL.png``
+(``--confirm-only`` writes the larger model's figures and ``step_time.png`` only).
 """
 
 from __future__ import annotations
@@ -857,10 +858,13 @@ def setting_source(args, short: bool = False) -> str:
   """Where step 4's settings come from, for its table (and, short, its figure's title)."""
   if short:
     return pathlib.Path(args.settings_path).name if args.settings_path else f"`{args.model}`"
-  source = f"its best setting from `{args.model}`"
-  if args.settings_path:
-    source += f" or from --settings {args.settings_path}"
-  return source
+  from_file = [kind for kind in args.kinds if kind in (args.settings or {})]
+  searched = f"its best setting from `{args.model}`"
+  if not from_file:
+    return searched
+  if len(from_file) == len(args.kinds):
+    return f"its setting from --settings {args.settings_path}"
+  return f"{searched} or from --settings {args.settings_path}"
 
 
 def write_outputs(args, results: dict, plan: Plan, pending: int) -> str:
@@ -870,8 +874,9 @@ def write_outputs(args, results: dict, plan: Plan, pending: int) -> str:
   (args.out / "best_settings.json").write_text(settings)
   tag = f"`{args.model}`, {args.steps * args.batch_size * args.seq_len / 1e6:.2f}M tokens"
   pts = points(args, results, plan)
-  plot_memory(pts, args.out / "memory.png", f"Validation loss against optimizer memory ({tag})")
-  plot_curves(pts, args.out / "curves.png", f"Each optimizer at its best setting ({tag})")
+  if pts:  # none with --confirm-only: no empty figures
+    plot_memory(pts, args.out / "memory.png", f"Validation loss against optimizer memory ({tag})")
+    plot_curves(pts, args.out / "curves.png", f"Each optimizer at its best setting ({tag})")
   plot_step_times(args, results, args.out / "step_time.png")
   if args.confirm_model:
     cpts = points(args, results, plan, model=args.confirm_model)
@@ -1018,7 +1023,7 @@ def main(argv=None) -> str:
       " again to settle it",
       file=sys.stderr,
     )
-  print(f"wrote {args.out / 'compare.md'}, memory.png, curves.png and step_time.png")
+  print(f"wrote {args.out / 'compare.md'}, best_settings.json and the figures (*.png) there")
   return text
 
 

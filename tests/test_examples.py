@@ -282,6 +282,14 @@ def test_compare_runs_every_optimizer_and_writes_the_tables_and_figures(tmp_path
     assert f"| {compare.KINDS[kind].label} | " in larger
   assert (tmp_path / "memory_tiny.png").stat().st_size > 20_000
 
+  # --confirm-only from a settings file: the larger scale's figures, no empty sweep figures.
+  only = tmp_path / "confirm_only"
+  settings = ["--settings", str(tmp_path / "best_settings.json"), "--confirm-only"]
+  compare.main([*confirm, "--out", str(only), *settings])  # the last --out counts
+  assert "at its setting from --settings" in (only / "compare.md").read_text()
+  assert (only / "memory_tiny.png").stat().st_size > 20_000
+  assert not (only / "memory.png").exists() and not (only / "curves.png").exists()
+
 
 def fake_results(plan, loss, kind="adamw"):
   """Runs ``kind``'s learning-rate search on ``loss(matrix rung, embed rung)``, no training."""
@@ -381,9 +389,15 @@ def test_compare_settings_replace_the_search_for_their_optimizers_only():
 
 def test_compare_larger_model_heading_names_the_settings_file_its_settings_came_from():
   path = "examples/compare_settings.json"
-  args = argparse.Namespace(model="tiny", settings_path=path)
-  assert compare.setting_source(args) == f"its best setting from `tiny` or from --settings {path}"
+  settings = {"adamw": (1e-3, 0.01)}
+  args = argparse.Namespace(model="tiny", settings_path=path, settings=settings, kinds=["adamw"])
+  assert compare.setting_source(args) == f"its setting from --settings {path}"
   assert compare.setting_source(args, short=True) == "compare_settings.json"
+  args.kinds = ["adamw", "fira"]  # fira searched here
+  assert compare.setting_source(args) == f"its best setting from `tiny` or from --settings {path}"
+  args.settings_path, args.settings = None, None
+  assert compare.setting_source(args) == "its best setting from `tiny`"
+  assert compare.setting_source(args, short=True) == "`tiny`"
 
 
 def test_compare_reads_the_shipped_settings_and_rejects_bad_ones(tmp_path, capsys):
