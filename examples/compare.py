@@ -130,6 +130,17 @@ def rung(lr: float) -> int:
   return min(range(len(LADDER)), key=lambda i: abs(math.log(LADDER[i] / lr)))
 
 
+def neighbours(i: int, j: int) -> dict[str, tuple[int, int]]:
+  """The search point (matrix rung i, embed rung j)'s neighbours on the ladder, by name."""
+  named = {
+    "lower lr": (i - 1, j),
+    "higher lr": (i + 1, j),
+    "lower embed lr": (i, j - 1),
+    "higher embed lr": (i, j + 1),
+  }
+  return {name: p for name, p in named.items() if all(0 <= k < len(LADDER) for k in p)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   kind: str  # a KINDS key
@@ -214,7 +225,7 @@ class Plan:
       finite = {p: loss for p, loss in tried.items() if math.isfinite(loss)}
       if finite:
         i, j = min(finite, key=finite.get)
-        wanted = [(i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)]
+        wanted = list(neighbours(i, j).values())
       else:  # everything diverged so far: lower the matrix lr
         wanted = [(min(i for i, _ in tried) - 1, j0)]
     missing = [
@@ -557,16 +568,7 @@ def model_sizes(results: dict, model: str | None) -> tuple[int | None, int | Non
 
 
 def untried_neighbours(tried: dict, i: int, j: int) -> list[str]:
-  return [
-    name
-    for name, p in (
-      ("lower lr", (i - 1, j)),
-      ("higher lr", (i + 1, j)),
-      ("lower embed lr", (i, j - 1)),
-      ("higher embed lr", (i, j + 1)),
-    )
-    if p not in tried and 0 <= p[0] < len(LADDER) and 0 <= p[1] < len(LADDER)
-  ]
+  return [name for name, p in neighbours(i, j).items() if p not in tried]
 
 
 def edge_note(tried: dict, i: int, j: int) -> str:
@@ -679,7 +681,7 @@ def report(args, results: dict, plan: Plan, pending: int) -> str:
       + (f" ({cparams / 1e6:.2f}M parameters)" if cparams else "")
       + f", {args.confirm_steps} steps × {args.confirm_batch_size} × {args.seq_len} tokens"
       f" ({ctokens / 1e6:.2f}M tokens), rank {c.hidden // 4}, each optimizer at"
-      f" {setting_source(args)}",
+      f" {setting_source(plan)}",
       "",
       "| optimizer | lr (matrices) | lr (embeddings/head/norms) | validation loss |"
       " optimizer state | vs AdamW | step time | ‖S‖/‖u‖ |",
@@ -854,17 +856,17 @@ def read_settings(path: str) -> dict[str, tuple[float, float]]:
   return settings
 
 
-def setting_source(args, short: bool = False) -> str:
+def setting_source(plan: Plan, short: bool = False) -> str:
   """Where step 4's settings come from, for its table (and, short, its figure's title)."""
+  args = plan.args
   if short:
     return pathlib.Path(args.settings_path).name if args.settings_path else f"`{args.model}`"
-  from_file = [kind for kind in args.kinds if kind in (args.settings or {})]
-  searched = f"its best setting from `{args.model}`"
-  if not from_file:
-    return searched
-  if len(from_file) == len(args.kinds):
+  searched = sum(plan.searched(kind) for kind in args.kinds)
+  if searched == len(args.kinds):
+    return f"its best setting from `{args.model}`"
+  if not searched:
     return f"its setting from --settings {args.settings_path}"
-  return f"{searched} or from --settings {args.settings_path}"
+  return f"its best setting from `{args.model}` or from --settings {args.settings_path}"
 
 
 def write_outputs(args, results: dict, plan: Plan, pending: int) -> str:
@@ -890,7 +892,7 @@ def write_outputs(args, results: dict, plan: Plan, pending: int) -> str:
     plot_curves(
       cpts,
       args.out / f"curves_{args.confirm_model}.png",
-      f"Settings from {setting_source(args, short=True)} ({ctag})",
+      f"Settings from {setting_source(plan, short=True)} ({ctag})",
     )
   return text
 

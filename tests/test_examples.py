@@ -390,14 +390,17 @@ def test_compare_settings_replace_the_search_for_their_optimizers_only():
 def test_compare_larger_model_heading_names_the_settings_file_its_settings_came_from():
   path = "examples/compare_settings.json"
   settings = {"adamw": (1e-3, 0.01)}
-  args = argparse.Namespace(model="tiny", settings_path=path, settings=settings, kinds=["adamw"])
-  assert compare.setting_source(args) == f"its setting from --settings {path}"
-  assert compare.setting_source(args, short=True) == "compare_settings.json"
+  args = argparse.Namespace(
+    model="tiny", seeds=1, settings_path=path, settings=settings, kinds=["adamw"]
+  )
+  assert compare.setting_source(compare.Plan(args)) == f"its setting from --settings {path}"
+  assert compare.setting_source(compare.Plan(args), short=True) == "compare_settings.json"
   args.kinds = ["adamw", "fira"]  # fira searched here
-  assert compare.setting_source(args) == f"its best setting from `tiny` or from --settings {path}"
+  mixed = f"its best setting from `tiny` or from --settings {path}"
+  assert compare.setting_source(compare.Plan(args)) == mixed
   args.settings_path, args.settings = None, None
-  assert compare.setting_source(args) == "its best setting from `tiny`"
-  assert compare.setting_source(args, short=True) == "`tiny`"
+  assert compare.setting_source(compare.Plan(args)) == "its best setting from `tiny`"
+  assert compare.setting_source(compare.Plan(args), short=True) == "`tiny`"
 
 
 def test_compare_reads_the_shipped_settings_and_rejects_bad_ones(tmp_path, capsys):
