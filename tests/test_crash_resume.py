@@ -27,6 +27,10 @@ PRETRAIN = pathlib.Path(__file__).resolve().parents[1] / "examples" / "pretrain.
 STEPS = 16
 SEED = int(os.environ.get("FIRA_CRASH_SEED", "20261128"))  # the kill schedule's seed
 
+# The module's tests share one uninterrupted run (a trainer launch is most of a test's time), so
+# one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("crash_resume")
+
 
 def launch(workdir: pathlib.Path, corpus: pathlib.Path, resume: bool) -> subprocess.Popen:
   flags = [
@@ -82,11 +86,20 @@ def out(proc: subprocess.Popen) -> str:
   return proc.stdout.read() if proc.stdout else ""
 
 
-def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, corpus_dir):
-  rng = random.Random(SEED)
-  full, cut = tmp_path / "full", tmp_path / "cut"
-  reference = launch(full, corpus_dir, resume=False)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus_dir) -> pathlib.Path:
+  """The workdir of a run that was never interrupted (read, never written, by the tests)."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  reference = launch(workdir, corpus_dir, resume=False)
   assert reference.wait() == 0, out(reference)
+  return workdir
+
+
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
+  tmp_path, corpus_dir, uninterrupted
+):
+  rng = random.Random(SEED)
+  full, cut = uninterrupted, tmp_path / "cut"
 
   kills = []
   proc = launch(cut, corpus_dir, resume=False)
@@ -148,14 +161,13 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
 
 
 def test_checkpoints_hold_only_arrays_and_json_and_load_without_unpickling(
-  tmp_path, corpus_dir, monkeypatch
+  uninterrupted, monkeypatch
 ):
   import pickle
 
   import train
 
-  assert launch(tmp_path, corpus_dir, resume=False).wait() == 0
-  step_dir = tmp_path / "checkpoints" / str(STEPS)
+  step_dir = uninterrupted / "checkpoints" / str(STEPS)
   for path in (p for p in step_dir.rglob("*") if p.is_file()):
     relative = path.relative_to(step_dir).parts
     if "d" in relative or path.name.endswith(".ocdbt"):
@@ -169,8 +181,8 @@ def test_checkpoints_hold_only_arrays_and_json_and_load_without_unpickling(
 
   for name in ("load", "loads", "Unpickler"):
     monkeypatch.setattr(pickle, name, refuse)
-  state = flat_arrays(restored_state(tmp_path))
-  meta = train.read_checkpoint_meta(tmp_path)
+  state = flat_arrays(restored_state(uninterrupted))
+  meta = train.read_checkpoint_meta(uninterrupted)
   assert meta["config"]["steps"] == STEPS
   assert any("projector" in k for k in state) and all(v.size for v in state.values())
 
