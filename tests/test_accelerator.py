@@ -26,8 +26,6 @@ STAGGER = [
   "fira_jax.fira_adamw (svd), all-at-once refresh",
   "fira_jax.fira_adamw (svd), staggered refresh",
 ]
-# One pytest-xdist worker runs the whole module, so the fixture's run (minutes) happens once.
-pytestmark = pytest.mark.xdist_group("accelerator")
 
 
 def positive_finite(x):

@@ -27,10 +27,6 @@ PRETRAIN = pathlib.Path(__file__).resolve().parents[1] / "examples" / "pretrain.
 STEPS = 16
 SEED = int(os.environ.get("FIRA_CRASH_SEED", "20261128"))  # the kill schedule's seed
 
-# The module's tests share one uninterrupted run (a trainer launch is most of a test's time), so
-# one pytest-xdist worker runs them all.
-pytestmark = pytest.mark.xdist_group("crash_resume")
-
 
 def launch(workdir: pathlib.Path, corpus: pathlib.Path, resume: bool) -> subprocess.Popen:
   flags = [
